@@ -1,0 +1,64 @@
+"""Shared pytest fixtures: environment, the real slides beside the checkout, tiny synthetic slides.
+
+Synthetic slides are rendered once per session (small, a few seconds) and shared by every test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WSI = REPO.parent / "shared" / "data" / "wsi"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("gpu" in item.keywords for item in items) and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_wsi() -> Path:
+    """The real slides in ../shared/data/wsi; tests using them skip when the folder is absent."""
+    if not SHARED_WSI.is_dir():
+        pytest.skip(f"real slides not found at {SHARED_WSI} (../shared is not beside the checkout)")
+    return SHARED_WSI
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def tiny_slide(synth_dir: Path) -> tuple[Path, Path]:
+    """A 2048×2048 synthetic 40× TIFF (0.25 µm/px, 0.5 mm square) and its truth GeoJSON."""
+    from cellclf.synth import render_slide
+
+    return render_slide(synth_dir, 2048, 2048, mpp=0.25, seed=11, difficulty=0.3, fmt="tiff",
+                        name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_svs(synth_dir: Path) -> tuple[Path, Path]:
+    """A 1536×1024 synthetic Aperio-style SVS at 0.5 µm/px and its truth GeoJSON."""
+    from cellclf.synth import render_slide
+
+    return render_slide(synth_dir, 1536, 1024, mpp=0.5, seed=12, difficulty=0.3, fmt="svs",
+                        name="tiny_svs")
