@@ -1,0 +1,92 @@
+"""Read-only views of the review store: progress, current votes, final labels, the audit.
+
+Mixed into :class:`cellclf.review.store.ReviewStore`; used by the web app's queue and admin pages,
+by :mod:`cellclf.review.export` and :mod:`cellclf.review.finalize`. Writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cellclf.review import schema as S
+from cellclf.review.types import FinalLabel, consensus
+
+
+class StoreQueries:
+    """Queries over the queue and the audit; needs ``_tx``, ``clock`` and ``required_reviews``."""
+
+    required_reviews: int
+    clock: Callable[[], float]
+    _tx: Callable[..., AbstractContextManager[Connection]]
+
+    def progress(self, slide_id: str | None = None) -> dict[str, int]:
+        """``{total, done, pending, claimed}`` for one slide or the whole store.
+
+        Three index range counts rather than one scan, so it stays cheap with 10⁵ queued cells.
+        """
+        it = S.items
+        scope = [it.c.slide_id == slide_id] if slide_id is not None else []
+        count = sa.select(sa.func.count()).select_from(it)
+        # Held cells are few: read them through the claimed_by index (`> ''` is a range SQLite
+        # can use; `needs_review + 0` keeps the planner off the much larger queue index).
+        held = sa.select(it.c.slide_id).where(it.c.claimed_by > "", (it.c.needs_review + 0) == 1,
+                                              it.c.lease_until >= self.clock())
+        with self._tx() as c:
+            total = c.execute(count.where(*scope)).scalar_one()
+            done = c.execute(count.where(*scope, it.c.needs_review == 0)).scalar_one()
+            claimed = sum(slide_id is None or s == slide_id for s in c.execute(held).scalars())
+        return {"total": int(total), "done": int(done), "pending": int(total) - int(done),
+                "claimed": int(claimed)}
+
+    def progress_by_slide(self) -> list[dict[str, Any]]:
+        it = S.items
+        done = sa.func.sum(sa.case((it.c.needs_review == 0, 1), else_=0))
+        q = (sa.select(it.c.slide_id, sa.func.count(), done).group_by(it.c.slide_id)
+             .order_by(it.c.slide_id))
+        with self._tx() as c:
+            return [{"slide_id": s, "total": int(t), "done": int(d or 0),
+                     "pending": int(t) - int(d or 0)} for s, t, d in c.execute(q)]
+
+    def current_votes(self, slide_id: str | None = None) -> dict[int, dict[str, str]]:
+        """``{item_id: {reviewer: current label}}`` (reviewers whose label is set)."""
+        L = S.labels
+        latest = sa.select(sa.func.max(L.c.id).label("last_id")).group_by(L.c.item_id,
+                                                                          L.c.reviewer)
+        if slide_id is not None:
+            latest = latest.where(L.c.item_id.in_(
+                sa.select(S.items.c.id).where(S.items.c.slide_id == slide_id)))
+        sub = latest.subquery()
+        q = (sa.select(L.c.item_id, L.c.reviewer, L.c.label)
+             .join(sub, L.c.id == sub.c.last_id).where(L.c.label.is_not(None)))
+        out: dict[int, dict[str, str]] = {}
+        with self._tx() as c:
+            for item_id, reviewer, label in c.execute(q):
+                out.setdefault(item_id, {})[reviewer] = label
+        return out
+
+    def final_labels(self, slide_id: str) -> list[FinalLabel]:
+        """Every queued cell of ``slide_id`` with its review outcome (see :func:`consensus`)."""
+        votes = self.current_votes(slide_id)
+        with self._tx() as c:
+            rows = c.execute(sa.select(S.items).where(S.items.c.slide_id == slide_id)
+                             .order_by(S.items.c.cell_id)).all()
+        out = []
+        for r in rows:
+            v = votes.get(r.id, {})
+            label, status = consensus(list(v.values()), self.required_reviews)
+            out.append(FinalLabel(r.id, r.slide_id, r.cell_id, r.x, r.y, r.predicted, label,
+                                  status, v))
+        return out
+
+    def audit(self, reviewer: str | None = None) -> list[dict[str, Any]]:
+        """All audit rows (oldest first), optionally for one reviewer."""
+        q = sa.select(S.labels).order_by(S.labels.c.id)
+        if reviewer is not None:
+            q = q.where(S.labels.c.reviewer == reviewer)
+        with self._tx() as c:
+            return [dict(r._mapping) for r in c.execute(q)]

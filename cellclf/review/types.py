@@ -1,0 +1,96 @@
+"""Value types of the review queue: what inference hands in, what the store hands out.
+
+Shared by :mod:`cellclf.review.store` (which re-exports them), the web app, export and finalize.
+No database access and no web imports here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cellclf.review.schema import ReviewStoreError
+
+DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
+CANT_TELL = "cant_tell"
+REASONS = ("low_confidence", "uncertified_class", "ood_slide")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class LeaseError(ReviewStoreError):
+    """A label or undo was refused: the cell is not held by this reviewer (or is held by another)."""
+
+
+@dataclass
+class ReviewItem:
+    """One gated cell as batch inference hands it to the queue.
+
+    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre); ``crop_png``
+    is the model's input crop. ``(slide_id, cell_id)`` identifies the cell; adding it again is a
+    no-op. Higher ``priority`` = more doubtful = served first.
+    """
+
+    slide_id: str
+    cell_id: int
+    x: float
+    y: float
+    predicted: str
+    probs: dict[str, float]
+    conformal_set: list[str]
+    reason: str
+    priority: float
+    crop_png: bytes
+    context_png: bytes
+    slide_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """A queued cell as the store returns it (no images; fetch them with :meth:`image`)."""
+
+    id: int
+    slide_id: str
+    cell_id: int
+    x: float
+    y: float
+    predicted: str
+    probs: dict[str, float]
+    conformal_set: list[str]
+    reason: str
+    priority: float
+    slide_path: str | None
+    claimed_by: str | None
+    lease_until: float | None
+    n_labels: int
+    label: str | None = None  # the asking reviewer's current label, when known
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
+
+
+@dataclass(frozen=True)
+class FinalLabel:
+    """The outcome of review for one cell (see :meth:`ReviewStore.final_labels`)."""
+
+    item_id: int
+    slide_id: str
+    cell_id: int
+    x: float
+    y: float
+    predicted: str
+    label: str | None          # agreed label (a class or cant_tell); None while pending/disputed
+    status: str                # done | pending | disputed
+    votes: dict[str, str] = field(default_factory=dict)  # reviewer -> current label
+
+
+def consensus(votes: Sequence[str], required: int) -> tuple[str | None, str]:
+    """Final label and status from the reviewers' current labels (pure).
+
+    Fewer than ``required`` votes → ``(None, "pending")``; all equal → ``(label, "done")``;
+    otherwise ``(None, "disputed")``.
+    """
+    if len(votes) < required or not votes:
+        return None, "pending"
+    if len(set(votes)) == 1:
+        return votes[0], "done"
+    return None, "disputed"
