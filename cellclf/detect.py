@@ -39,8 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-TISSUE_UM_PER_PX = 4.0  # resolution of the tissue mask detect_slide computes
-
 # Ruifrok & Johnston (2001) H&E stain OD vectors (rows: haematoxylin, eosin, residual)
 RJ_HE = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
@@ -341,11 +339,7 @@ def detect_slide(
     path = Path(path)
     with Slide(path, mpp=mpp) as slide:
         slide_mpp, width, height = slide.mpp, slide.width, slide.height
-        # about TISSUE_UM_PER_PX µm per mask px is enough (and a full-resolution "thumbnail"
-        # of a small slide makes the mask's morphology slow)
-        side_um = max(width, height) * slide_mpp
-        max_px = int(min(2048, max(64, np.ceil(side_um / TISSUE_UM_PER_PX))))
-        tissue = require_tissue(slide_tissue_mask(slide, max_px), path)
+        tissue = require_tissue(slide_tissue_mask(slide), path)
     tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, detect_halo_um(params), tissue)
     if backend == "torch":
         from cellclf.detect_torch import TorchDetector

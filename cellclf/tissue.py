@@ -141,8 +141,24 @@ def tissue_mask(thumb_rgb: np.ndarray, downsample: float, mpp: float | None = No
     return TissueMask(mask=mask, downsample=float(downsample))
 
 
-def slide_tissue_mask(slide: Slide, max_px: int = 2048, **params: float) -> TissueMask:
-    """Tissue mask of a slide from its thumbnail (longest side ≤ ``max_px``)."""
+TISSUE_UM_PER_PX = 4.0  # finest resolution worth computing a tissue mask at
+
+
+def tissue_thumbnail_px(width: int, height: int, mpp: float, max_px: int = 2048) -> int:
+    """Longest thumbnail side for the tissue mask: about 4 µm per px, at most ``max_px``.
+
+    A finer "thumbnail" (a small slide read at full resolution) adds nothing to the mask and makes
+    its morphology slow.
+    """
+    side_um = max(width, height) * mpp
+    return int(min(max_px, max(64, math.ceil(side_um / TISSUE_UM_PER_PX))))
+
+
+def slide_tissue_mask(slide: Slide, max_px: int | None = None, **params: float) -> TissueMask:
+    """Tissue mask of a slide from its thumbnail (longest side ``max_px``; by default about
+    4 µm per px, at most 2048 px)."""
+    if max_px is None:
+        max_px = tissue_thumbnail_px(slide.width, slide.height, slide.mpp)
     thumb, downsample = slide.thumbnail(max_px)
     return tissue_mask(thumb, downsample, slide.mpp, **params)
 
