@@ -1,0 +1,70 @@
+"""CLI: ``cellclf train`` (DATA + config → model bundle) and ``cellclf evaluate`` (bundle on slides
+with truth → metrics.json, confusion.png, report.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train(
+        overrides: list[str] = typer.Argument(
+            None, help="Config overrides as dotted key=value, e.g. train.epochs=5 "
+                       "model.backbone=mobilenet_v3_small data.class_map.eos=eosinophil"),
+        config: Path = typer.Option(None, "--config", "-c",
+                                    help="YAML config (see configs/train.yaml); defaults if absent."),
+        data: Path = typer.Option(..., "--data", "-d",
+                                  help="A folder of slides with same-stem .geojson truth, a "
+                                       "manifest (.csv/.yaml: slide, annotations, split), a points "
+                                       "CSV (slide,x,y,class) or a crop folder DIR/<class>/*.png."),
+        out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
+        mpp: float = typer.Option(None, "--mpp",
+                                  help="µm per pixel of a crop folder's images (data.crop_mpp)."),
+        coords_um: bool = typer.Option(False, "--um",
+                                       help="CSV coordinates are in µm, not level-0 pixels."),
+        cache: Path = typer.Option(None, "--cache",
+                                   help="Crop cache folder (default DATA/.cellclf-cache)."),
+    ) -> None:
+        """Train a cell classifier and write a bundle (card.json + model.pt + model.ckpt).
+
+        Crops are cut at detector candidates matched to the annotations (unmatched candidates
+        become `other`) and cached, so a second run never re-reads the slides.
+        """
+        from cellclf.config import load_config
+        from cellclf.train import fit
+
+        extra = list(overrides or [])
+        if mpp is not None:
+            extra.append(f"data.crop_mpp={mpp}")
+        if coords_um:
+            extra.append("data.coords=um")
+        cfg = load_config(config, extra)
+        bundle = fit(cfg, data, out, cache_dir=cache)
+        typer.echo(f"wrote bundle {bundle}")
+
+    @app.command("evaluate")
+    def evaluate(
+        bundle: Path = typer.Argument(..., help="Model bundle directory (card.json + model.pt)."),
+        data: Path = typer.Option(..., "--data", "-d",
+                                  help="Slides with truth: a folder of slide + same-stem "
+                                       ".geojson pairs, or a manifest."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, "
+                                                          "confusion.png, report.md, cells.parquet."),
+        match_um: float = typer.Option(4.0, help="Matching radius between candidates and truth."),
+        workers: int = typer.Option(0, help="Reader threads (0 = automatic)."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+        coords_um: bool = typer.Option(False, "--um",
+                                       help="CSV truth coordinates are in µm, not level-0 pixels."),
+    ) -> None:
+        """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
+        balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
+        from cellclf.evaluate import evaluate as run
+
+        _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
+                         coords="um" if coords_um else "px")
+        f1 = metrics["macro_f1"]
+        typer.echo(f"macro-F1 {f1:.3f}" if f1 is not None else "macro-F1 n/a")
+        typer.echo(f"wrote {out / 'metrics.json'}, confusion.png, report.md, cells.parquet")
