@@ -150,8 +150,8 @@ def slide_table(slide_id: str, cands0: np.ndarray, logits: np.ndarray, truth0: n
                 truth_idx: np.ndarray, truth_amb: np.ndarray, classes: tuple[str, ...],
                 other: int, radius_px: float, temperature: float = 1.0) -> CellTable:
     """Join one slide's classified candidates with its truth (pure; see the module docstring)."""
+    from cellclf.calibrate import softmax
     from cellclf.match import match_points
-    from cellclf.model import softmax
 
     m = match_points(cands0, truth0, radius_px)
     k, n_c = len(classes), len(cands0)
@@ -201,25 +201,27 @@ def table_metrics(table: CellTable, other_class: str, truth_counts: dict[str, di
 def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None,
              match_um: float = 4.0, workers: int = 0, progress: bool = True,
              unknown_class: str = "other", class_map: dict[str, str] | None = None,
-             coords: str = "px") -> tuple[CellTable, dict[str, Any]]:
+             coords: str = "px", backend: str = "auto") -> tuple[CellTable, dict[str, Any]]:
     """Evaluate a bundle on slides with truth → (cell table, metrics); writes OUT if given:
     ``metrics.json``, ``confusion.png``, ``report.md``, ``cells.parquet``."""
     from cellclf.annotations import ClassMap, discover, load_points
+    from cellclf.calibration import gate_metrics
+    from cellclf.card import load_card
     from cellclf.crops import extract_crops
     from cellclf.detect import detect_slide
+    from cellclf.engine import load_engine
     from cellclf.errors import AnnotationError
     from cellclf.match import detection_metrics
-    from cellclf.model import load_bundle, predict_logits
     from cellclf.slide import Slide
 
     source = discover(data)
     if source.kind == "crops":
         raise AnnotationError(f"{data}: evaluation needs slides with truth (not a crop folder)")
-    model, card = load_bundle(bundle)
+    card = load_card(bundle)
+    engine = load_engine(bundle, backend=backend)
     classes = tuple(card.classes)
     cmap = ClassMap(classes, card.other_class, dict(class_map or {}), unknown_class)
     other = classes.index(card.other_class)
-    dev = "cuda" if _cuda() else "cpu"
     tables, truth_counts = [], {}
     per_slide_det: list[dict[str, Any]] = []
     for e in source.entries:
@@ -231,8 +233,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
         cands = detect_slide(e.slide, mpp=e.mpp, work_mpp=card.mpp, workers=workers,
                              progress=progress)
         crops = extract_crops(e.slide, cands, card.mpp, card.crop_px, mpp=e.mpp, workers=workers)
-        logits = predict_logits(model, crops, device=dev) if len(cands) else \
-            np.zeros((0, len(classes)), np.float32)
+        logits = engine.logits(crops) if len(cands) else np.zeros((0, len(classes)), np.float32)
         radius = match_um / slide_mpp
         tables.append(slide_table(e.slide_id, cands, logits, truth0, truth_idx, pts.ambiguous,
                                   classes, other, radius, card.temperature))
@@ -243,16 +244,14 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
     table = CellTable.concat(tables, classes)
     metrics = table_metrics(table, card.other_class, truth_counts, detection)
     metrics.update({"bundle": str(bundle), "model": card.name, "data": str(data),
-                    "match_um": match_um, "temperature": card.temperature})
+                    "match_um": match_um, "temperature": card.temperature,
+                    "backend": engine.backend})
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    metrics.update(gate_metrics(table, card, Path(out) if out is not None else None))
     if out is not None:
         write_outputs(Path(out), table, metrics, card.other_class)
     return table, metrics
-
-
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def write_outputs(out: Path, table: CellTable, metrics: dict[str, Any], other_class: str) -> None:

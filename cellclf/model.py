@@ -157,11 +157,3 @@ def predict_logits(model: nn.Module, crops_uint8: np.ndarray, batch: int = 256,
         return np.concatenate(out)
     k = getattr(model, "arch", {}).get("num_classes", 0)
     return np.zeros((0, k), dtype=np.float32)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (numpy, float64 inside)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

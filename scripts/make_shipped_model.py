@@ -24,12 +24,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_SEED0, EVAL_SEED0 = 1000, 5000
+TRAIN_SEED0, CAL_SEED0, EVAL_SEED0 = 1000, 3000, 5000
 
 
 def render_set(out: Path, n: int, seed0: int, size_um: float, difficulty: float,
-               workers: int) -> None:
-    """n slides, alternating 0.25 µm/px TIFF and 0.5 µm/px SVS, difficulty ±0.1 around the mean."""
+               workers: int, jitter: float = 0.1) -> None:
+    """n slides, alternating 0.25 µm/px TIFF and 0.5 µm/px SVS, difficulty ±jitter around the mean."""
     import numpy as np
 
     from cellclf.synth import render_slide
@@ -38,7 +38,7 @@ def render_set(out: Path, n: int, seed0: int, size_um: float, difficulty: float,
     for i in range(n):
         mpp, fmt = (0.25, "tiff") if i % 2 == 0 else (0.5, "svs")
         side = int(round(size_um / mpp))
-        diff = float(np.clip(difficulty + rng.uniform(-0.1, 0.1), 0.0, 1.0))
+        diff = float(np.clip(difficulty + rng.uniform(-jitter, jitter), 0.0, 1.0))
         name = f"synth-{seed0 + i:05d}"
         if (out / f"{name}.geojson").is_file():
             continue  # resumable: keep slides rendered by an earlier run
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="where slides, crop cache, logs and the evaluation go (not committed)")
     ap.add_argument("--train-slides", type=int, default=24)
     ap.add_argument("--eval-slides", type=int, default=6)
+    ap.add_argument("--cal-slides", type=int, default=8,
+                    help="calibration slides (seeds 3000+, never trained on) for the gate")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="reuse WORK/run from an earlier run (calibrate, export, evaluate only)")
     ap.add_argument("--size-um", type=float, default=2048.0, help="side of each slide in µm")
     ap.add_argument("--difficulty", type=float, default=0.3)
     ap.add_argument("--epochs", type=int, default=30)
@@ -71,21 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     from cellclf.train import fit
 
     if a.tiny:
-        a.train_slides, a.eval_slides, a.size_um, a.epochs = 2, 1, 384.0, 1
+        a.train_slides, a.eval_slides, a.cal_slides, a.size_um, a.epochs = 2, 1, 1, 384.0, 1
         a.config = REPO / "configs" / "train-tiny.yaml"
     train_dir, eval_dir = a.work / "train", a.work / "eval"
     render_set(train_dir, a.train_slides, TRAIN_SEED0, a.size_um, a.difficulty, a.workers)
-    render_set(eval_dir, a.eval_slides, EVAL_SEED0, a.size_um, a.difficulty, a.workers)
+    render_set(eval_dir, a.eval_slides, EVAL_SEED0, a.size_um, a.difficulty, a.workers, jitter=0.0)
+    cal_dir = a.work / "cal"
+    render_set(cal_dir, a.cal_slides, CAL_SEED0, a.size_um, a.difficulty, a.workers, jitter=0.0)
 
     name = a.out.name
     cfg = load_config(a.config, [f"model.name={name}", f"model.backbone={a.backbone}",
                                  f"train.epochs={a.epochs}", "train.save_ckpt=false",
                                  *a.overrides])
     run_dir = a.work / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=SYNTHETIC_NOTICE,
-        weights_dtype="float16")
+    if not a.skip_train:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=SYNTHETIC_NOTICE,
+            weights_dtype="float16")
+    from cellclf.calibration import calibrate_bundle
+    from cellclf.export import export_onnx
+
+    calibrate_bundle(run_dir, cal_dir, workers=a.workers, progress=not a.tiny)
+    export_onnx(run_dir)
     _, metrics = evaluate(run_dir, eval_dir, a.work / "eval-out", workers=a.workers,
                           progress=not a.tiny)
     card = load_card(run_dir)
@@ -94,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     test["count_error_mean_abs"] = metrics["count_error"]["mean_abs"]
     test["detection_recall"] = metrics["detection"]["recall"]
     test["eval_seeds"] = [EVAL_SEED0 + i for i in range(a.eval_slides)]
-    test["note"] = "ungated, on unseen synthetic slides (cellclf evaluate)"
+    test["note"] = "on unseen synthetic slides (cellclf evaluate); macro_f1 etc. are ungated"
+    for key in ("ece_before", "ece_after", "gate", "no_gate"):
+        if key in metrics:
+            test[key] = metrics[key]
     training = {**card.training, "train_seeds": [TRAIN_SEED0 + i for i in range(a.train_slides)],
                 "slide_size_um": a.size_um, "difficulty": a.difficulty,
                 "reproduce": "python scripts/make_shipped_model.py " + " ".join(argv or sys.argv[1:])}
@@ -102,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                         description=SYNTHETIC_NOTICE, intended_use=SYNTHETIC_NOTICE)
     save_card(card, run_dir)
     a.out.mkdir(parents=True, exist_ok=True)
-    for f in ("card.json", card.weights_file):
+    for f in ("card.json", card.weights_file, "model.onnx"):
         shutil.copyfile(run_dir / f, a.out / f)
     shutil.copyfile(a.work / "eval-out" / "report.md", a.out / "EVALUATION.md")
-    shutil.copyfile(a.work / "eval-out" / "confusion.png", a.out / "confusion.png")
+    for f in ("confusion.png", "reliability.png", "risk_coverage.png"):
+        if (a.work / "eval-out" / f).is_file():
+            shutil.copyfile(a.work / "eval-out" / f, a.out / f)
     size_mb = sum(f.stat().st_size for f in a.out.iterdir()) / 1e6
     print(json.dumps({"bundle": str(a.out), "size_mb": round(size_mb, 1),
                       "val_macro_f1": (card.metrics.get("val") or {}).get("macro_f1"),

@@ -62,3 +62,35 @@ def tiny_svs(synth_dir: Path) -> tuple[Path, Path]:
 
     return render_slide(synth_dir, 1536, 1024, mpp=0.5, seed=12, difficulty=0.3, fmt="svs",
                         name="tiny_svs")
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained (random-weight) resnet18 bundle with model.onnx and a hand-set gate: fast to
+    make, and enough to test export parity, engines and the inference plumbing."""
+    import torch
+
+    from cellclf.card import Card
+    from cellclf.export import export_onnx
+    from cellclf.model import build_model, save_bundle
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bundle") / "random-v0"
+    classes = ("eosinophil", "neutrophil", "mast_cell", "other")
+    card = Card(name="random-v0", classes=classes, architecture={"backbone": "resnet18"},
+                description="untrained test bundle")
+    model = build_model(card)
+    # a random net's outputs are nearly uniform; widen them so the gate has decisions to make
+    with torch.no_grad():
+        model.backbone.fc.weight.mul_(40.0)
+    card = save_bundle(model, card, out)
+    gate = {"classes": list(classes), "alpha": 0.01, "delta": 0.05,
+            "thresholds": {"eosinophil": 0.5, "neutrophil": 0.5, "mast_cell": None, "other": 0.6},
+            "n_cal": {c: 1000 for c in classes}}
+    import json
+
+    data = json.loads((out / "card.json").read_text())
+    data["gate"] = gate
+    (out / "card.json").write_text(json.dumps(data, indent=2))
+    export_onnx(out)
+    return out

@@ -1,0 +1,51 @@
+"""CLI: ``cellclf infer`` (batch slide inference) and ``cellclf export`` (ONNX)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("infer")
+    def infer(
+        slides: list[str] = typer.Argument(..., help="Slide files, globs, folders, or a .txt of paths."),
+        model: Path = typer.Option(Path("models/cellclf-synth-he-v1"), "--model", "-m",
+                                   help="Model bundle directory."),
+        out: Path = typer.Option(Path("results"), "--out", "-o", help="Output folder."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+        backend: str = typer.Option("auto", help="auto | torch | onnx"),
+        workers: int = typer.Option(0, help="Reader threads per slide (0 = all cores)."),
+        overwrite: bool = typer.Option(False, help="Redo slides already finished in OUT."),
+        review_db: str = typer.Option(None, "--review-db",
+                                      help="Review store URL (default OUT/review.sqlite; "
+                                           "postgresql+psycopg://… for a lab server)."),
+        mpp: float = typer.Option(None, help="µm per pixel for slides whose metadata lacks it."),
+        hpf_area: float = typer.Option(0.237, "--hpf-area", help="HPF area in mm² for peak counts."),
+        batch: int = typer.Option(None, help="Crops per classification batch."),
+    ) -> None:
+        """Find and classify cells on every slide; write per-slide results, a manifest and the
+        review queue. Exit code 0: every slide done; 1: at least one slide failed (see
+        OUT/manifest.csv); 2: the run could not start (bad model, no slides)."""
+        from cellclf.infer import run_batch
+
+        report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
+                           overwrite=overwrite, review_db=review_db, mpp=mpp,
+                           hpf_area_mm2=hpf_area, batch=batch)
+        typer.echo(f"{report.done} done, {report.skipped} skipped (already done), "
+                   f"{report.failed} failed — manifest: {out / 'manifest.csv'}")
+        raise typer.Exit(report.exit_code)
+
+    @app.command("export")
+    def export(
+        bundle: Path = typer.Argument(..., help="Model bundle directory."),
+        opset: int = typer.Option(18, help="ONNX opset."),
+        fp16: bool = typer.Option(False, help="Export fp16 weights (writes model.fp16.onnx)."),
+    ) -> None:
+        """Export the bundle to ONNX (uint8 crops in; probs and logits out; card in metadata)."""
+        from cellclf.export import export_onnx
+
+        out = export_onnx(bundle, out=bundle / "model.fp16.onnx" if fp16 else None, opset=opset,
+                          fp16=fp16)
+        typer.echo(f"wrote {out}")

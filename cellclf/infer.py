@@ -1,0 +1,178 @@
+"""Batch inference over many slides: the main job of cellclf (``cellclf infer``).
+
+Sits on top of the flow: expands the slide arguments, loads the engine once, runs
+:func:`cellclf.pipeline.run_slide` per slide, writes ``DIR/<slide_id>/`` through
+:mod:`cellclf.results`, queues gated cells in the review store, and keeps ``DIR/manifest.csv``.
+A bad slide is recorded as failed with its reason and the batch goes on; finished slides are
+skipped on a rerun unless ``overwrite``. Exit status (see the CLI): 0 all slides done, 1 if any failed.
+
+Crash safety: review items are keyed by (slide_id, cell_id) and re-adding is a no-op; cell ids follow
+the deterministic tile order; the slide folder appears by one rename after all its files are written;
+the manifest row is written last. A kill at any point therefore leaves either no trace of the slide
+(rerun redoes it) or a finished slide (rerun skips it), and never duplicated review cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cellclf.errors import CellclfError
+from cellclf.manifest import Manifest, ManifestRow, slide_id_for
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+                  ".svslide", ".dcm"}
+
+
+def expand_slides(args: list[str]) -> list[Path]:
+    """Files, globs, folders (their slide files, sorted) or a text file of paths (one per line)."""
+    out: list[Path] = []
+    for arg in args:
+        p = Path(arg)
+        if any(ch in arg for ch in "*?["):
+            out += [Path(m) for m in sorted(glob.glob(arg, recursive=True))]
+        elif p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES)
+        elif p.suffix.lower() in {".txt", ".lst", ".list"} and p.is_file():
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    out.append(q if q.is_absolute() else (p.parent / q))
+        else:
+            out.append(p)  # a missing file becomes a failed row with a clear reason
+    seen: set[Path] = set()
+    unique = []
+    for q in out:
+        key = q.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(q)
+    return unique
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("cellclf", "numpy", "openslide-python", "openslide-bin", "tifffile", "torch",
+                "onnxruntime"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    try:
+        import openslide
+
+        versions["openslide"] = openslide.__library_version__
+    except (ImportError, AttributeError):
+        pass
+    return versions
+
+
+@dataclass
+class BatchReport:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    out_dir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, backend: str = "auto",
+              device: str = "auto", workers: int = 0, overwrite: bool = False,
+              review_db: str | None = None, mpp: float | None = None,
+              hpf_area_mm2: float = 0.237, batch: int | None = None,
+              console: Any = None) -> BatchReport:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from cellclf.engine import load_engine
+    from cellclf.pipeline import RunParams, run_slide
+    from cellclf.results import count_table, write_slide_results
+
+    console = console or Console(stderr=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = expand_slides(slides)
+    if not paths:
+        raise CellclfError("no slides given: pass files, globs, folders or a text file of paths")
+    engine = load_engine(model, backend=backend, device=device, batch=batch)
+    card = engine.card
+    store = _open_store(review_db or f"sqlite:///{out_dir / 'review.sqlite'}", card)
+    manifest = Manifest(out_dir / "manifest.csv")
+    versions = software_versions()
+    params = RunParams(workers=workers, mpp_override=mpp,
+                       batch=batch or getattr(engine, "batch", 512))
+    run_params = params.to_dict() | {"backend": engine.backend, "device": device,
+                                     "model": str(model), "hpf_area_mm2": hpf_area_mm2}
+    report = BatchReport(out_dir=out_dir)
+    taken: set[str] = set()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        batch_task = bar.add_task("slides", total=len(paths))
+        for path in paths:
+            slide_id = slide_id_for(path, taken)
+            taken.add(slide_id)
+            prev = manifest.get(slide_id)
+            done_dir = out_dir / slide_id / "summary.json"
+            if not overwrite and done_dir.exists():
+                if prev is None or prev.status != "done":  # killed after the rename: finish the row
+                    manifest.update(ManifestRow(slide_id, str(path), "done",
+                                                finished_at=_now(), reason="recovered"))
+                report.skipped += 1
+                bar.advance(batch_task)
+                continue
+            slide_task = bar.add_task(f"  {slide_id}", total=None)
+
+            def tick(i: int, n: int, _task=slide_task) -> None:
+                bar.update(_task, completed=i, total=n)
+
+            t0 = time.perf_counter()
+            try:
+                result = run_slide(path, engine, card, slide_id=slide_id, params=params,
+                                   on_review=store.add_items, progress=tick)
+                write_slide_results(out_dir, result, card, run_params, versions, hpf_area_mm2)
+                n_review = int((~result.accept).sum())
+                manifest.update(ManifestRow(slide_id, str(path), "done", "", result.n_cells,
+                                            n_review, round(time.perf_counter() - t0, 3), _now()))
+                counts = count_table(result)
+                console.print(f"[green]done[/] {slide_id}: {result.n_cells} cells, "
+                              + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
+                                          for k, v in counts.items() if k != "other")
+                              + f", {n_review} to review → {out_dir / slide_id / 'report.html'}")
+                report.done += 1
+            except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+                reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
+                manifest.update(ManifestRow(slide_id, str(path), "failed", reason, 0, 0,
+                                            round(time.perf_counter() - t0, 3), _now()))
+                console.print(f"[red]failed[/] {slide_id}: {reason}")
+                report.failed += 1
+            bar.remove_task(slide_task)
+            bar.advance(batch_task)
+    return report
+
+
+def _open_store(url: str, card: dict) -> Any:
+    from cellclf.review.store import ReviewStore
+
+    return ReviewStore(url, classes=list(card["classes"]))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

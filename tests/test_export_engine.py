@@ -1,0 +1,92 @@
+"""ONNX export and the two engines: parity with torch, metadata, and identical gate decisions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellclf.engine import OnnxEngine, TorchEngine, load_engine, onnx_card
+
+
+@pytest.fixture(scope="module")
+def real_crops(tiny_slide) -> np.ndarray:
+    """Crops of real detector candidates on a synthetic slide."""
+    from cellclf.crops import extract_crops
+    from cellclf.detect import detect_slide
+
+    slide, _ = tiny_slide
+    cands = detect_slide(slide, work_mpp=0.5, progress=False)
+    assert len(cands) > 50
+    return extract_crops(slide, cands[:300], 0.5, 64)
+
+
+def test_onnx_file_carries_the_card(random_bundle):
+    card = json.loads((random_bundle / "card.json").read_text())
+    meta = onnx_card(random_bundle / "model.onnx")
+    assert meta["classes"] == card["classes"] and meta["crop_px"] == 64
+    assert meta["gate"]["thresholds"]["eosinophil"] == 0.5
+    from cellclf.export import sha256_file
+
+    assert card["onnx"]["sha256"] == sha256_file(random_bundle / "model.onnx")
+    assert not list(random_bundle.glob("*.data"))  # one file, no external data
+
+
+def test_fp32_parity_random_and_real_crops(random_bundle, real_crops):
+    torch_engine, onnx_engine = TorchEngine(random_bundle, device="cpu"), OnnxEngine(random_bundle)
+    rng = np.random.default_rng(0)
+    random_crops = rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
+    for crops in (random_crops, real_crops):
+        p_t, p_o = torch_engine.classify(crops), onnx_engine.classify(crops)
+        assert p_t.shape == p_o.shape == (len(crops), 4)
+        assert np.abs(p_t - p_o).max() <= 1e-4
+        np.testing.assert_allclose(p_o.sum(axis=1), 1.0, atol=1e-5)
+    # the network must not be degenerate, or parity would prove nothing
+    assert p_t.max(axis=1).std() > 0.01
+
+
+def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
+    from cellclf.gate import GateParams, apply_gate
+
+    card = json.loads((random_bundle / "card.json").read_text())
+    gate = GateParams.from_dict(card["gate"], classes=card["classes"])
+    a_t, r_t = apply_gate(TorchEngine(random_bundle, device="cpu").classify(real_crops), gate)
+    a_o, r_o = apply_gate(OnnxEngine(random_bundle).classify(real_crops), gate)
+    assert (a_t == a_o).all() and (r_t == r_o).all()
+    assert 0 < a_t.sum() < len(a_t)  # both decisions occur
+
+
+def test_fp16_export_parity(random_bundle, real_crops, tmp_path):
+    from cellclf.export import export_onnx
+
+    out = export_onnx(random_bundle, out=tmp_path / "model.fp16.onnx", fp16=True)
+    p16 = OnnxEngine(random_bundle, onnx_file=str(out)).classify(real_crops)
+    p32 = TorchEngine(random_bundle, device="cpu").classify(real_crops)
+    assert np.abs(p16 - p32).max() <= 2e-3
+    assert (p16.argmax(1) == p32.argmax(1)).mean() >= 0.999
+
+
+def test_stale_onnx_temperature_is_refused(random_bundle, tmp_path):
+    import shutil
+
+    from cellclf.errors import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(random_bundle, copy)
+    card = json.loads((copy / "card.json").read_text())
+    card["temperature"] = 1.7
+    (copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="cellclf export"):
+        OnnxEngine(copy)
+
+
+def test_load_engine_choices(random_bundle, tmp_path):
+    from cellclf.errors import BundleError
+
+    assert load_engine(random_bundle, backend="onnx").backend == "onnx"
+    assert load_engine(random_bundle, backend="torch", device="cpu").backend == "torch"
+    with pytest.raises(BundleError, match="unknown backend"):
+        load_engine(random_bundle, backend="tensorflow")
+    with pytest.raises(BundleError, match="not found"):
+        load_engine(tmp_path / "missing")
