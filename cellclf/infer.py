@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,7 +128,7 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         batch_task = bar.add_task("slides", total=len(paths))
-        for path in paths:
+        for index, path in enumerate(paths):
             slide_id = slide_id_for(path, taken)
             taken.add(slide_id)
             prev = manifest.get(slide_id)
@@ -143,11 +145,17 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
             def tick(i: int, n: int, _task=slide_task) -> None:
                 bar.update(_task, completed=i, total=n)
 
+            def add_review(items: list, _i=index) -> None:
+                store.add_items(items)
+                _fault(f"mid_review:{_i}")
+
             t0 = time.perf_counter()
             try:
                 result = run_slide(path, engine, card, slide_id=slide_id, params=params,
-                                   on_review=store.add_items, progress=tick)
+                                   on_review=add_review, progress=tick)
+                _fault(f"before_results:{index}")
                 write_slide_results(out_dir, result, card, run_params, versions, hpf_area_mm2)
+                _fault(f"before_manifest:{index}")
                 n_review = int((~result.accept).sum())
                 manifest.update(ManifestRow(slide_id, str(path), "done", "", result.n_cells,
                                             n_review, round(time.perf_counter() - t0, 3), _now()))
@@ -172,6 +180,13 @@ def _open_store(url: str, card: dict) -> Any:
     from cellclf.review.store import ReviewStore
 
     return ReviewStore(url, classes=list(card["classes"]))
+
+
+def _fault(point: str) -> None:
+    """Crash-test hook: SIGKILL this process at a named point when ``CELLCLF_FAULT`` names it
+    (used by the kill-and-resume test; never set in normal use)."""
+    if os.environ.get("CELLCLF_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:

@@ -94,3 +94,12 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "card.json").write_text(json.dumps(data, indent=2))
     export_onnx(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The demo bundle committed in models/ (trained on synthetic slides)."""
+    path = REPO / "models" / "cellclf-synth-he-v1"
+    if not (path / "card.json").is_file():
+        pytest.skip(f"shipped model not found at {path}")
+    return path

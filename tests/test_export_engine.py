@@ -33,6 +33,12 @@ def test_onnx_file_carries_the_card(random_bundle):
     assert not list(random_bundle.glob("*.data"))  # one file, no external data
 
 
+def test_shipped_onnx_matches_its_weights(shipped_model, real_crops):
+    p_t = TorchEngine(shipped_model, device="cpu").classify(real_crops)
+    p_o = OnnxEngine(shipped_model).classify(real_crops)
+    assert np.abs(p_t - p_o).max() <= 1e-4
+
+
 def test_fp32_parity_random_and_real_crops(random_bundle, real_crops):
     torch_engine, onnx_engine = TorchEngine(random_bundle, device="cpu"), OnnxEngine(random_bundle)
     rng = np.random.default_rng(0)
@@ -57,12 +63,13 @@ def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
     assert 0 < a_t.sum() < len(a_t)  # both decisions occur
 
 
-def test_fp16_export_parity(random_bundle, real_crops, tmp_path):
+def test_fp16_export_parity(shipped_model, real_crops, tmp_path):
+    """fp16 on the trained shipped model (a random net's huge logits are not representative)."""
     from cellclf.export import export_onnx
 
-    out = export_onnx(random_bundle, out=tmp_path / "model.fp16.onnx", fp16=True)
-    p16 = OnnxEngine(random_bundle, onnx_file=str(out)).classify(real_crops)
-    p32 = TorchEngine(random_bundle, device="cpu").classify(real_crops)
+    out = export_onnx(shipped_model, out=tmp_path / "model.fp16.onnx", fp16=True)
+    p16 = OnnxEngine(shipped_model, onnx_file=str(out)).classify(real_crops)
+    p32 = TorchEngine(shipped_model, device="cpu").classify(real_crops)
     assert np.abs(p16 - p32).max() <= 2e-3
     assert (p16.argmax(1) == p32.argmax(1)).mean() >= 0.999
 
