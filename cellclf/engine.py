@@ -159,5 +159,8 @@ def load_engine(bundle: str | Path, backend: str = "auto", device: str = "auto",
             raise BundleError(f"{paths.root} has no model.onnx and torch is not installed: install "
                               "cellclf[train] or export the bundle on a machine with torch")
     if backend == "torch":
+        if not torch_available():
+            raise BundleError("--backend torch needs PyTorch, which is not installed: install "
+                              "cellclf[train], or use --backend onnx")
         return TorchEngine(bundle, device=device, batch=batch)
     return OnnxEngine(bundle, device=device, batch=batch or 256)

@@ -155,9 +155,9 @@ def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: 
     from cellclf.report import write_overlay, write_report
 
     final = Path(out_dir) / result.slide_id
+    for stale in Path(out_dir).glob(f".tmp-{result.slide_id}-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(out_dir) / f".tmp-{result.slide_id}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     summary = build_summary(result, card, params, versions, hpf_area_mm2)
     write_cells_parquet(tmp / "cells.parquet", result)
