@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def pg():
+    """A throwaway PostgreSQL server (Debian's binaries, a temp cluster) for the review tests."""
+    from cellclf.review.pgcluster import PostgresUnavailable, ThrowawayPostgres
+
+    try:
+        server = ThrowawayPostgres().start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def shared_wsi() -> Path:
     """The real slides in ../shared/data/wsi; tests using them skip when the folder is absent."""
     if not SHARED_WSI.is_dir():

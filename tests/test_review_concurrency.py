@@ -38,18 +38,6 @@ def _worker(url: str, name: str, ops: int, barrier, out: mp.Queue) -> None:
         st.close()
 
 
-@pytest.fixture(scope="module")
-def pg():
-    from cellclf.review.pgcluster import PostgresUnavailable, ThrowawayPostgres
-
-    try:
-        server = ThrowawayPostgres().start()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_parallel_reviewers_never_share_or_lose_a_cell(backend, tmp_path, request):
     if backend == "sqlite":

@@ -53,18 +53,6 @@ class Clock:
         return self.t
 
 
-@pytest.fixture(scope="module")
-def pg():
-    from cellclf.review.pgcluster import PostgresUnavailable, ThrowawayPostgres
-
-    try:
-        server = ThrowawayPostgres().start()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path) -> str:
     if request.param == "sqlite":

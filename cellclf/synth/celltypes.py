@@ -6,6 +6,8 @@ GeoJSON writer. The order of :data:`CELL_TYPES` defines the integer type codes u
 
 from __future__ import annotations
 
+from cellclf.geojson import CLASS_COLORS as GEOJSON_COLORS
+
 CELL_TYPES: tuple[str, ...] = (
     "eosinophil", "neutrophil", "mast_cell",                  # the three target classes
     "lymphocyte", "plasma_cell", "epithelial", "fibroblast", "red_cell", "macrophage",
@@ -15,17 +17,8 @@ CODE: dict[str, int] = {name: i for i, name in enumerate(CELL_TYPES)}
 EOS, NEU, MAST, LYM, PLA, EPI, FIB, RBC, MAC = range(len(CELL_TYPES))
 NO_TYPE = 255
 
-CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    "eosinophil": (230, 50, 50),
-    "neutrophil": (40, 110, 230),
-    "mast_cell": (150, 50, 200),
-    "lymphocyte": (60, 60, 60),
-    "plasma_cell": (0, 150, 150),
-    "epithelial": (210, 160, 40),
-    "fibroblast": (120, 90, 60),
-    "red_cell": (250, 140, 140),
-    "macrophage": (100, 170, 60),
-}
+# Display colours are the project's one table (QuPath GeoJSON colours).
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {n: GEOJSON_COLORS[n] for n in CELL_TYPES}
 
 # What an ambiguous cell of a type is rendered half-way towards (see MORPHOLOGY.md).
 AMBIGUOUS_WITH: dict[int, int] = {EOS: NEU, NEU: EOS, MAST: PLA, PLA: MAST}

@@ -37,6 +37,10 @@ from cellclf.review.store import ReviewItem, ReviewStore  # noqa: E402
 CLASSES = ["eosinophil", "neutrophil", "mast_cell", "other"]
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit as git_commit  # noqa: E402
+
+
 def png(size: int, seed: int) -> bytes:
     """A smooth stained-looking patch: small, like the crops, so 100k cells stay ~0.5 GB."""
     from PIL import Image
@@ -78,12 +82,6 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs) * 1000, q))
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

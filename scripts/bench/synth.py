@@ -15,7 +15,6 @@ import datetime
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit as _commit  # noqa: E402
 
 
 def _append_section(text: str) -> Path:

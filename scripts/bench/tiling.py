@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,10 @@ sys.path.insert(0, str(REPO))
 from cellclf.fastjpeg import write_pyramid_tiff  # noqa: E402
 from cellclf.reader import TileReader, default_workers  # noqa: E402
 from cellclf.tiling import tile_grid  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_lines  # noqa: E402
+from _common import commit as git_commit  # noqa: E402
 
 
 def pattern_tile(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -97,12 +100,6 @@ def identical_sample(path: Path, tiles, work_mpp: float) -> bool:
         return all(np.array_equal(fast.read_tile(t), slow.read_tile(t)) for t in tiles)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -173,12 +170,7 @@ def main() -> None:
              f"{git_commit()}\n", f"Machine: {machine}. {title}.\n",
              "| method | seconds | MP/s | × plain loop |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
-    bench = REPO / "docs" / "benchmarks.md"
-    new = not bench.exists()
-    with open(bench, "a", encoding="utf-8") as fh:
-        if new:
-            fh.write("# Benchmarks\n\nAppended by the scripts in `scripts/bench/`; newest last.\n")
-        fh.write("\n".join(lines) + "\n")
+    bench = append_lines(lines)
     console.print(f"appended to {bench}")
 
 

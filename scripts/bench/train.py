@@ -17,7 +17,7 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,12 +28,6 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class GpuSampler:
@@ -70,6 +64,11 @@ class GpuSampler:
     @property
     def mean(self) -> str:
         return f"{sum(self.samples) / len(self.samples):.0f}%" if self.samples else "n/a"
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_lines  # noqa: E402
+from _common import commit as git_commit  # noqa: E402
 
 
 def main() -> None:
@@ -191,12 +190,7 @@ def main() -> None:
              f"on-disk cache ({n_crops} crops, {'bf16-mixed' if bf16 else 'fp32'}).\n",
              "| run | crops/s | × ceiling | GPU util |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
-    bench = REPO / "docs" / "benchmarks.md"
-    new = not bench.exists()
-    with open(bench, "a", encoding="utf-8") as fh:
-        if new:
-            fh.write("# Benchmarks\n\nAppended by the scripts in `scripts/bench/`; newest last.\n")
-        fh.write("\n".join(lines) + "\n")
+    bench = append_lines(lines)
     console.print(f"appended to {bench}")
 
 

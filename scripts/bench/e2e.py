@@ -1,0 +1,121 @@
+"""End-to-end slide benchmark: seconds per slide and cells/s for `run_slide` on a synthetic 40×
+slide, against the decode floor (every tissue tile read and decoded, nothing else) measured on the
+same machine in the same run; GPU utilisation sampled with nvidia-smi when present.
+
+    python scripts/bench/e2e.py --width 100000 --height 80000      # the 8-gigapixel target (GPU)
+    python scripts/bench/e2e.py --width 16000 --height 12000        # a CPU-sized run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, append_section  # noqa: E402
+
+
+class GpuSampler(threading.Thread):
+    """Mean GPU utilisation (%) from nvidia-smi every 0.2 s while running."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+                                      "--format=csv,noheader,nounits"], capture_output=True,
+                                     text=True, timeout=5).stdout.split()
+                self.samples.append(float(out[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            time.sleep(0.2)
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--width", type=int, default=16000)
+    ap.add_argument("--height", type=int, default=12000)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "cellclf-synth-he-v1")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cellclf-bench-e2e"))
+    ap.add_argument("--no-record", action="store_true")
+    a = ap.parse_args()
+
+    from cellclf.card import load_card
+    from cellclf.engine import load_engine
+    from cellclf.pipeline import RunParams, run_slide
+    from cellclf.reader import TileReader
+    from cellclf.slide import Slide
+    from cellclf.synth import render_slide
+    from cellclf.tiling import tile_grid
+    from cellclf.tissue import slide_tissue_mask
+
+    name = f"e2e_{a.width}x{a.height}"
+    slide = a.work / f"{name}.tif"
+    t0 = time.perf_counter()
+    if not slide.exists():
+        render_slide(a.work, a.width, a.height, mpp=0.25, seed=77, difficulty=0.3, name=name,
+                     workers=a.workers, progress=True)
+    t_render = time.perf_counter() - t0
+    card = load_card(a.model).to_dict()
+    engine = load_engine(a.model, backend=a.backend)
+    # decode floor: read every tissue tile at the model's mpp, as the pipeline does, nothing else
+    with Slide(slide) as s:
+        tissue = slide_tissue_mask(s)
+        tiles = tile_grid(s.width, s.height, s.mpp, card["mpp"], 512.0, 30.0, tissue)
+    reader = TileReader(slide, card["mpp"], workers=a.workers)
+    t0 = time.perf_counter()
+    mp = 0.0
+    for _, rgb in reader.iter_tiles(tiles):
+        mp += rgb.shape[0] * rgb.shape[1] / 1e6
+    t_floor = time.perf_counter() - t0
+    sampler = GpuSampler() if shutil.which("nvidia-smi") else None
+    if sampler:
+        sampler.start()
+    t0 = time.perf_counter()
+    result = run_slide(slide, engine, card, slide_id=name, params=RunParams(workers=a.workers))
+    t_run = time.perf_counter() - t0
+    if sampler:
+        sampler.stop.set()
+    gpu = sampler.mean() if sampler else None
+    cells = result.n_cells
+    gp = a.width * a.height / 1e9
+    print(f"slide {a.width}×{a.height} ({gp:.2f} GP at 0.25 µm/px), {len(tiles)} tiles, "
+          f"{mp:.0f} MP read at {card['mpp']} µm/px; rendered in {t_render:.1f} s")
+    print(f"decode floor {t_floor:.2f} s; run_slide {t_run:.2f} s ({t_run / t_floor:.2f}× floor); "
+          f"{cells} cells, {cells / t_run:,.0f} cells/s; backend {engine.backend}; "
+          f"GPU util {gpu if gpu is None else round(gpu)}%")
+    print("stage timings:", {k: round(v, 2) for k, v in result.timings_s.items()})
+    if not a.no_record:
+        lines = [f"Synthetic slide {a.width}×{a.height} px at 0.25 µm/px ({gp:.2f} GP), "
+                 f"{len(tiles)} tissue tiles read at {card['mpp']} µm/px ({mp:.0f} MP); model "
+                 f"{a.model.name}, backend {engine.backend}, reader workers {a.workers or 'all'}.\n",
+                 "| what | seconds | cells/s | × decode floor | GPU util |",
+                 "| --- | ---: | ---: | ---: | ---: |",
+                 f"| decode floor (read + decode all tissue tiles) | {t_floor:.2f} | | 1.00 | |",
+                 f"| run_slide (read, detect, crop, classify, gate) | {t_run:.2f} | "
+                 f"{cells / t_run:,.0f} | {t_run / t_floor:.2f} | "
+                 f"{'n/a' if gpu is None else f'{gpu:.0f}%'} |",
+                 f"\nStage timings (s): {({k: round(v, 2) for k, v in result.timings_s.items()})}"]
+        append_section("End to end", lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
