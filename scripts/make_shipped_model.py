@@ -50,6 +50,7 @@ def render_set(out: Path, n: int, seed0: int, size_um: float, difficulty: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "models" / "cellclf-synth-he-v1")
+    ap.add_argument("--name", default="cellclf-synth-he-v1", help="model name in the card")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "ship-work",
                     help="where slides, crop cache, logs and the evaluation go (not committed)")
     ap.add_argument("--train-slides", type=int, default=24)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     cal_dir = a.work / "cal"
     render_set(cal_dir, a.cal_slides, CAL_SEED0, a.size_um, a.difficulty, a.workers, jitter=0.0)
 
-    name = a.out.name
+    name = a.name
     cfg = load_config(a.config, [f"model.name={name}", f"model.backbone={a.backbone}",
                                  f"train.epochs={a.epochs}", "train.save_ckpt=false",
                                  *a.overrides])
