@@ -17,4 +17,4 @@ echo
 echo "Report:        $out/results/demo/report.html"
 echo "Cells:         $out/results/demo/cells.parquet, cells.geojson (QuPath: File > Import objects)"
 echo "Review queue:  .venv/bin/cellclf review serve --db $out/results/review.sqlite"
-echo "               (first: .venv/bin/cellclf review add-user YOURNAME --admin)"
+echo "               (first: .venv/bin/cellclf review add-user YOURNAME --admin --db $out/results/review.sqlite)"
