@@ -33,7 +33,7 @@ class RunParams:
     batch: int = 512  # crops per classification batch
     mpp_override: float | None = None
     max_mpp_ratio: float = 1.5  # refuse slides coarser than model mpp × this
-    ood_sample_tiles: int = 12
+    ood_sample_tiles: int = 12  # tissue tiles sampled for the slide's stain/focus statistics
     min_tissue_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,18 +68,12 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sample_tiles(tiles: list, k: int) -> list:
-    if len(tiles) <= k:
-        return list(tiles)
-    idx = np.linspace(0, len(tiles) - 1, k).round().astype(int)
-    return [tiles[i] for i in idx]
-
-
 def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
               params: RunParams | None = None,
               on_review: Callable[[list], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> Any:
     """Run one slide; ``on_review(items)`` receives ReviewItem batches for gated cells."""
+    from cellclf.calibration import sample_tiles
     from cellclf.conformal import aps_sets
     from cellclf.crops import crop_halo_um, cut_crops
     from cellclf.detect import detect_cells, detect_halo_um
@@ -111,12 +105,12 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     timings["open_tissue_tiling"] = time.perf_counter() - t0
     reader = TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers)
 
-    gate = GateParams.from_dict(card["gate"]) if card.get("gate") else None
+    gate = (GateParams.from_dict(card["gate"], classes=classes) if card.get("gate") else None)
     aps = card.get("conformal")
     ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
     t1 = time.perf_counter()
     if card.get("ood"):
-        sample = [rgb for _, rgb in reader.iter_tiles(_sample_tiles(tiles, params.ood_sample_tiles))]
+        sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(tiles, params.ood_sample_tiles))]
         stats = slide_stats(sample, work_mpp)
         flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
         ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
