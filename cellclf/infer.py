@@ -5,6 +5,8 @@ Sits on top of the flow: expands the slide arguments, loads the engine once, run
 :mod:`cellclf.results`, queues gated cells in the review store, and keeps ``DIR/manifest.csv``.
 A bad slide is recorded as failed with its reason and the batch goes on; finished slides are
 skipped on a rerun unless ``overwrite``. Exit status (see the CLI): 0 all slides done, 1 if any failed.
+The per-slide work is one function, :func:`process_slide`, run here in a loop or, with ``--gpus`` /
+``--ray``, by Ray workers (:mod:`cellclf.distributed`); this driver alone writes the manifest.
 
 Crash safety: review items are keyed by (slide_id, cell_id) and re-adding is a no-op; cell ids follow
 the deterministic tile order; the slide folder appears by one rename after all its files are written;
@@ -88,11 +90,75 @@ class BatchReport:
         return 1 if self.failed else 0
 
 
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything a worker needs besides the slide (picklable: it travels to Ray workers)."""
+
+    out_dir: Path
+    model: str
+    backend: str = "auto"
+    device: str = "auto"
+    workers: int = 0
+    mpp: float | None = None
+    hpf_area_mm2: float = 0.237
+    batch: int | None = None
+
+
+@dataclass
+class SlideOutcome:
+    """What one slide's work reports back to the driver, which alone writes the manifest."""
+
+    slide_id: str
+    path: str
+    status: str  # done | failed
+    reason: str = ""
+    n_cells: int = 0
+    n_review: int = 0
+    seconds: float = 0.0
+    counts: dict[str, dict[str, int]] | None = None
+
+
+def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Any, store: Any,
+                  versions: dict[str, str], progress: Any = None) -> SlideOutcome:
+    """The per-slide body of a batch: run_slide → write_slide_results → review store. Never raises:
+    a bad slide comes back as a failed outcome with its reason. Used by the local loop and by the
+    Ray workers of :mod:`cellclf.distributed`."""
+    from cellclf.pipeline import RunParams, run_slide
+    from cellclf.results import count_table, write_slide_results
+
+    card = engine.card
+    params = RunParams(workers=job.workers, mpp_override=job.mpp,
+                       batch=job.batch or getattr(engine, "batch", 512))
+    run_params = params.to_dict() | {"backend": engine.backend, "device": job.device,
+                                     "model": job.model, "hpf_area_mm2": job.hpf_area_mm2}
+
+    def add_review(items: list) -> None:
+        store.add_items(items)
+        _fault(f"mid_review:{index}")
+
+    t0 = time.perf_counter()
+    try:
+        result = run_slide(path, engine, card, slide_id=slide_id, params=params,
+                           on_review=add_review, progress=progress)
+        _fault(f"before_results:{index}")
+        write_slide_results(job.out_dir, result, card, run_params, versions, job.hpf_area_mm2)
+        _fault(f"before_manifest:{index}")
+        return SlideOutcome(slide_id, str(path), "done", "", result.n_cells,
+                            int((~result.accept).sum()), round(time.perf_counter() - t0, 3),
+                            count_table(result))
+    except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+        reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
+        return SlideOutcome(slide_id, str(path), "failed", reason, 0, 0,
+                            round(time.perf_counter() - t0, 3))
+
+
 def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, backend: str = "auto",
               device: str = "auto", workers: int = 0, overwrite: bool = False,
               review_db: str | None = None, mpp: float | None = None,
               hpf_area_mm2: float = 0.237, batch: int | None = None,
-              console: Any = None) -> BatchReport:
+              console: Any = None, ray_address: str | None = None, gpus: int = 0) -> BatchReport:
+    """Run every slide; ``ray_address`` (auto | local | host:port | ray://host:port) or ``gpus`` > 0
+    shards the slides over Ray workers (see :mod:`cellclf.distributed`), else one local loop."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -103,77 +169,88 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
         TimeRemainingColumn,
     )
 
-    from cellclf.engine import load_engine
-    from cellclf.pipeline import RunParams, run_slide
-    from cellclf.results import count_table, write_slide_results
-
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_slides(slides)
     if not paths:
         raise CellclfError("no slides given: pass files, globs, folders or a text file of paths")
-    engine = load_engine(model, backend=backend, device=device, batch=batch)
-    card = engine.card
-    store = _open_store(review_db or f"sqlite:///{out_dir / 'review.sqlite'}", card)
+    distributed = bool(ray_address) or gpus > 0
+    review_url = review_db or f"sqlite:///{out_dir.resolve() / 'review.sqlite'}"
+    job = SlideJob(out_dir=out_dir.resolve() if distributed else out_dir, model=str(model),
+                   backend=backend, device=device, workers=workers, mpp=mpp,
+                   hpf_area_mm2=hpf_area_mm2, batch=batch)
+    if distributed:  # the workers load the engine; the driver only checks the model and store
+        from cellclf.engine import read_card
+
+        engine = None
+        store = _open_store(review_url, read_card(model))
+        store.close()
+    else:
+        from cellclf.engine import load_engine
+
+        engine = load_engine(model, backend=backend, device=device, batch=batch)
+        store = _open_store(review_url, engine.card)
     manifest = Manifest(out_dir / "manifest.csv")
-    versions = software_versions()
-    params = RunParams(workers=workers, mpp_override=mpp,
-                       batch=batch or getattr(engine, "batch", 512))
-    run_params = params.to_dict() | {"backend": engine.backend, "device": device,
-                                     "model": str(model), "hpf_area_mm2": hpf_area_mm2}
     report = BatchReport(out_dir=out_dir)
-    taken: set[str] = set()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         batch_task = bar.add_task("slides", total=len(paths))
+        todo = []
+        taken: set[str] = set()
         for index, path in enumerate(paths):
             slide_id = slide_id_for(path, taken)
             taken.add(slide_id)
-            prev = manifest.get(slide_id)
-            done_dir = out_dir / slide_id / "summary.json"
-            if not overwrite and done_dir.exists():
+            if not overwrite and (out_dir / slide_id / "summary.json").exists():
+                prev = manifest.get(slide_id)
                 if prev is None or prev.status != "done":  # killed after the rename: finish the row
                     manifest.update(ManifestRow(slide_id, str(path), "done",
                                                 finished_at=_now(), reason="recovered"))
                 report.skipped += 1
                 bar.advance(batch_task)
-                continue
+            else:
+                todo.append((index, path, slide_id))
+
+        def record(outcome: SlideOutcome, path: Path) -> None:
+            _record(outcome, path, manifest, report, console, out_dir)
+            bar.advance(batch_task)
+
+        if distributed:
+            from cellclf.distributed import run_on_ray
+
+            run_on_ray(job, todo, review_url, record, console=console, address=ray_address,
+                       gpus=gpus)
+            return report
+        versions = software_versions()
+        for index, path, slide_id in todo:
             slide_task = bar.add_task(f"  {slide_id}", total=None)
 
             def tick(i: int, n: int, _task=slide_task) -> None:
                 bar.update(_task, completed=i, total=n)
 
-            def add_review(items: list, _i=index) -> None:
-                store.add_items(items)
-                _fault(f"mid_review:{_i}")
-
-            t0 = time.perf_counter()
-            try:
-                result = run_slide(path, engine, card, slide_id=slide_id, params=params,
-                                   on_review=add_review, progress=tick)
-                _fault(f"before_results:{index}")
-                write_slide_results(out_dir, result, card, run_params, versions, hpf_area_mm2)
-                _fault(f"before_manifest:{index}")
-                n_review = int((~result.accept).sum())
-                manifest.update(ManifestRow(slide_id, str(path), "done", "", result.n_cells,
-                                            n_review, round(time.perf_counter() - t0, 3), _now()))
-                counts = count_table(result)
-                console.print(f"[green]done[/] {slide_id}: {result.n_cells} cells, "
-                              + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
-                                          for k, v in counts.items() if k != "other")
-                              + f", {n_review} to review → {out_dir / slide_id / 'report.html'}")
-                report.done += 1
-            except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-                reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
-                manifest.update(ManifestRow(slide_id, str(path), "failed", reason, 0, 0,
-                                            round(time.perf_counter() - t0, 3), _now()))
-                console.print(f"[red]failed[/] {slide_id}: {reason}")
-                report.failed += 1
+            outcome = process_slide(job, path, slide_id, index, engine, store, versions, tick)
             bar.remove_task(slide_task)
-            bar.advance(batch_task)
+            record(outcome, path)
     return report
+
+
+def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: BatchReport,
+            console: Any, out_dir: Path) -> None:
+    """The driver's side of one finished slide: its manifest row, a console line, the tallies."""
+    sid = outcome.slide_id
+    manifest.update(ManifestRow(sid, str(path), outcome.status, outcome.reason, outcome.n_cells,
+                                outcome.n_review, outcome.seconds, _now()))
+    if outcome.status == "done":
+        counts = outcome.counts or {}
+        console.print(f"[green]done[/] {sid}: {outcome.n_cells} cells, "
+                      + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
+                                  for k, v in counts.items() if k != "other")
+                      + f", {outcome.n_review} to review → {out_dir / sid / 'report.html'}")
+        report.done += 1
+    else:
+        console.print(f"[red]failed[/] {sid}: {outcome.reason}")
+        report.failed += 1
 
 
 def _open_store(url: str, card: dict) -> Any:

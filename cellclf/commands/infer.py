@@ -24,6 +24,12 @@ def register(app: typer.Typer) -> None:
         mpp: float = typer.Option(None, help="µm per pixel for slides whose metadata lacks it."),
         hpf_area: float = typer.Option(0.237, "--hpf-area", help="HPF area in mm² for peak counts."),
         batch: int = typer.Option(None, help="Crops per classification batch."),
+        ray: str = typer.Option(None, "--ray",
+                                help="Shard slides over a Ray cluster: auto (the cluster started "
+                                     "here), local (a private one), or host:port / ray://host:port."),
+        gpus: int = typer.Option(0, "--gpus", min=0,
+                                 help="One worker per GPU on this machine, slides sharded (local "
+                                      "Ray instance); 0 = no sharding."),
     ) -> None:
         """Find and classify cells on every slide; write per-slide results, a manifest and the
         review queue. Exit code 0: every slide done; 1: at least one slide failed (see
@@ -32,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
         report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
-                           hpf_area_mm2=hpf_area, batch=batch)
+                           hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus)
         typer.echo(f"{report.done} done, {report.skipped} skipped (already done), "
                    f"{report.failed} failed — manifest: {out / 'manifest.csv'}")
         raise typer.Exit(report.exit_code)
