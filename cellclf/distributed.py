@@ -158,8 +158,7 @@ def _dispatch(ray: Any, actors: list, todo: list[tuple[int, Path, str]],
         try:
             outcome = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the worker process died (crash, out of memory)
-            outcome = SlideOutcome(slide_id, str(path), "failed",
-                                   f"Ray worker failed: {_short(exc)}")
+            outcome = SlideOutcome.failed(slide_id, str(path), f"Ray worker failed: {_short(exc)}")
         record(outcome, path)
         if queue:
             submit(actor)

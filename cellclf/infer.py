@@ -108,14 +108,12 @@ class SlideJob:
 class SlideOutcome:
     """What one slide's work reports back to the driver, which alone writes the manifest."""
 
-    slide_id: str
-    path: str
-    status: str  # done | failed
-    reason: str = ""
-    n_cells: int = 0
-    n_review: int = 0
-    seconds: float = 0.0
+    row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
+
+    @classmethod
+    def failed(cls, slide_id: str, path: str, reason: str, seconds: float = 0.0) -> SlideOutcome:
+        return cls(ManifestRow(slide_id, path, "failed", reason, 0, 0, seconds, _now()))
 
 
 def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Any, store: Any,
@@ -143,13 +141,12 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         _fault(f"before_results:{index}")
         write_slide_results(job.out_dir, result, card, run_params, versions, job.hpf_area_mm2)
         _fault(f"before_manifest:{index}")
-        return SlideOutcome(slide_id, str(path), "done", "", result.n_cells,
-                            int((~result.accept).sum()), round(time.perf_counter() - t0, 3),
-                            count_table(result))
+        row = ManifestRow(slide_id, str(path), "done", "", result.n_cells,
+                          int((~result.accept).sum()), round(time.perf_counter() - t0, 3), _now())
+        return SlideOutcome(row, count_table(result))
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
-        return SlideOutcome(slide_id, str(path), "failed", reason, 0, 0,
-                            round(time.perf_counter() - t0, 3))
+        return SlideOutcome.failed(slide_id, str(path), reason, round(time.perf_counter() - t0, 3))
 
 
 def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, backend: str = "auto",
@@ -238,18 +235,18 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
 def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: BatchReport,
             console: Any, out_dir: Path) -> None:
     """The driver's side of one finished slide: its manifest row, a console line, the tallies."""
-    sid = outcome.slide_id
-    manifest.update(ManifestRow(sid, str(path), outcome.status, outcome.reason, outcome.n_cells,
-                                outcome.n_review, outcome.seconds, _now()))
-    if outcome.status == "done":
+    row = outcome.row
+    sid = row.slide_id
+    manifest.update(row)
+    if row.status == "done":
         counts = outcome.counts or {}
-        console.print(f"[green]done[/] {sid}: {outcome.n_cells} cells, "
+        console.print(f"[green]done[/] {sid}: {row.n_cells} cells, "
                       + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
                                   for k, v in counts.items() if k != "other")
-                      + f", {outcome.n_review} to review → {out_dir / sid / 'report.html'}")
+                      + f", {row.n_review} to review → {out_dir / sid / 'report.html'}")
         report.done += 1
     else:
-        console.print(f"[red]failed[/] {sid}: {outcome.reason}")
+        console.print(f"[red]failed[/] {sid}: {row.reason}")
         report.failed += 1
 
 
