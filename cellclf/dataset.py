@@ -30,8 +30,8 @@ from cellclf.annotations import (
     DataSource,
     SlideEntry,
     load_points,
-    read_crop_folder,
 )
+from cellclf.cropfolder import read_crop_folder
 from cellclf.errors import AnnotationError
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,12 @@ from cellclf.annotations import (
     ClassMap,
     SlideEntry,
     discover,
-    fit_crop,
     load_points,
-    read_crop_folder,
     read_csv_points,
     read_geojson_points,
     read_manifest,
 )
+from cellclf.cropfolder import fit_crop, read_crop_folder
 from cellclf.errors import AnnotationError
 
 CLASSES = ("eosinophil", "neutrophil", "mast_cell", "other")
