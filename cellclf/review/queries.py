@@ -1,4 +1,4 @@
-"""Read-only views of the review store: progress, current votes, final labels, the audit.
+"""Read-only views of the review store: the queue, history, progress, votes, final labels, audit.
 
 Mixed into :class:`cellclf.review.store.ReviewStore`; used by the web app's queue and admin pages,
 by :mod:`cellclf.review.export` and :mod:`cellclf.review.finalize`. Writes nothing.
@@ -14,15 +14,46 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cellclf.review import schema as S
-from cellclf.review.types import FinalLabel, consensus
+from cellclf.review.types import FinalLabel, Item, consensus
 
 
 class StoreQueries:
-    """Queries over the queue and the audit; needs ``_tx``, ``clock`` and ``required_reviews``."""
+    """Queries over the queue and the audit; needs ``_tx``, ``_item``, ``clock`` and
+    ``required_reviews`` from the store."""
 
     required_reviews: int
     clock: Callable[[], float]
     _tx: Callable[..., AbstractContextManager[Connection]]
+    _item: Callable[..., Item]
+
+    def queue(self, slide_id: str | None = None, predicted: str | None = None,
+              limit: int = 50, offset: int = 0) -> list[Item]:
+        """Cells still needing labels, most doubtful first (for the queue page)."""
+        q = (sa.select(S.items).where(S.items.c.needs_review == 1)
+             .order_by(S.items.c.priority.desc(), S.items.c.id).limit(limit).offset(offset))
+        if slide_id is not None:
+            q = q.where(S.items.c.slide_id == slide_id)
+        if predicted is not None:
+            q = q.where(S.items.c.predicted == predicted)
+        with self._tx() as c:
+            return [self._item(r) for r in c.execute(q)]
+
+    def slides(self) -> list[str]:
+        with self._tx() as c:
+            q = sa.select(S.items.c.slide_id).distinct().order_by(S.items.c.slide_id)
+            return list(c.execute(q).scalars())
+
+    def history(self, reviewer: str, limit: int = 100) -> list[Item]:
+        """Cells ``reviewer`` labelled, most recent first, with their current label."""
+        L = S.labels
+        latest = (sa.select(L.c.item_id, sa.func.max(L.c.id).label("last_id"))
+                  .where(L.c.reviewer == reviewer).group_by(L.c.item_id).subquery())
+        q = (sa.select(S.items, L.c.label.label("my_label"))
+             .select_from(latest.join(L, L.c.id == latest.c.last_id)
+                          .join(S.items, S.items.c.id == latest.c.item_id))
+             .where(L.c.label.is_not(None)).order_by(latest.c.last_id.desc()).limit(limit))
+        with self._tx() as c:
+            return [self._item(r, r.my_label) for r in c.execute(q)]
 
     def progress(self, slide_id: str | None = None) -> dict[str, int]:
         """``{total, done, pending, claimed}`` for one slide or the whole store.

@@ -229,23 +229,6 @@ class ReviewStore(StoreQueries):
         """``reviewer``'s current label of a cell: the label of their latest audit row."""
         return c.execute(self._current_q, {"item_id": item_id, "reviewer": reviewer}).scalar()
 
-    def queue(self, slide_id: str | None = None, predicted: str | None = None,
-              limit: int = 50, offset: int = 0) -> list[Item]:
-        """Cells still needing labels, most doubtful first (for the queue page)."""
-        q = (sa.select(S.items).where(S.items.c.needs_review == 1)
-             .order_by(S.items.c.priority.desc(), S.items.c.id).limit(limit).offset(offset))
-        if slide_id is not None:
-            q = q.where(S.items.c.slide_id == slide_id)
-        if predicted is not None:
-            q = q.where(S.items.c.predicted == predicted)
-        with self._tx() as c:
-            return [self._item(r) for r in c.execute(q)]
-
-    def slides(self) -> list[str]:
-        with self._tx() as c:
-            q = sa.select(S.items.c.slide_id).distinct().order_by(S.items.c.slide_id)
-            return list(c.execute(q).scalars())
-
     # ------------------------------------------------------------------ claiming
 
     def _claim_queries(self, slide: bool, predicted: bool, exclude: bool) -> tuple[Any, Any]:
@@ -387,18 +370,6 @@ class ReviewStore(StoreQueries):
             c.execute(sa.update(S.items).where(S.items.c.id == last.item_id).values(**values))
             row = c.execute(sa.select(S.items).where(S.items.c.id == last.item_id)).first()
             return self._item(row, restored)
-
-    def history(self, reviewer: str, limit: int = 100) -> list[Item]:
-        """Cells ``reviewer`` labelled, most recent first, with their current label."""
-        L = S.labels
-        latest = (sa.select(L.c.item_id, sa.func.max(L.c.id).label("last_id"))
-                  .where(L.c.reviewer == reviewer).group_by(L.c.item_id).subquery())
-        q = (sa.select(S.items, L.c.label.label("my_label"))
-             .select_from(latest.join(L, L.c.id == latest.c.last_id)
-                          .join(S.items, S.items.c.id == latest.c.item_id))
-             .where(L.c.label.is_not(None)).order_by(latest.c.last_id.desc()).limit(limit))
-        with self._tx() as c:
-            return [self._item(r, r.my_label) for r in c.execute(q)]
 
 
 def open_store(store: ReviewStore | str, classes: Sequence[str] | None = None,
