@@ -18,9 +18,6 @@ appends it to docs/benchmarks.md with the machine, date and commit.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,8 +32,7 @@ from cellclf.reader import TileReader, default_workers  # noqa: E402
 from cellclf.tiling import tile_grid  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_lines  # noqa: E402
-from _common import commit as git_commit  # noqa: E402
+from _common import BENCH_MD, append_section  # noqa: E402
 
 
 def pattern_tile(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -163,14 +159,9 @@ def main() -> None:
 
     if args.no_append:
         return
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"{platform.system()} {platform.release()}, load average at the end "
-               f"{os.getloadavg()[0]:.1f}")
-    lines = [f"\n## Tiling — {dt.datetime.now().isoformat(timespec='minutes')}, commit "
-             f"{git_commit()}\n", f"Machine: {machine}. {title}.\n",
-             "| method | seconds | MP/s | × plain loop |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {' | '.join(r)} |" for r in rows]
-    bench = append_lines(lines)
+    append_section("Tiling", [f"{title}.\n", "| method | seconds | MP/s | × plain loop |",
+                              "| --- | ---: | ---: | ---: |", *(f"| {' | '.join(r)} |" for r in rows)])
+    bench = BENCH_MD
     console.print(f"appended to {bench}")
 
 

@@ -14,9 +14,7 @@ machine, date and commit.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import sys
 import threading
 import time
@@ -67,8 +65,7 @@ class GpuSampler:
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_lines  # noqa: E402
-from _common import commit as git_commit  # noqa: E402
+from _common import BENCH_MD, append_section  # noqa: E402
 
 
 def main() -> None:
@@ -179,18 +176,13 @@ def main() -> None:
     console.print(table)
     if args.no_append:
         return
-    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "no GPU"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
-               f"torch {torch.__version__}, load average {load} at the end")
-    lines = [f"\n## Training — {dt.datetime.now().isoformat(timespec='minutes')}, commit "
-             f"{git_commit()}\n",
-             f"Machine: {machine}. {args.backbone}, 64 px crops, batch {args.batch}, "
-             f"{args.steps} steps per row, {args.workers} DataLoader workers, crops from the "
-             f"on-disk cache ({n_crops} crops, {'bf16-mixed' if bf16 else 'fp32'}).\n",
-             "| run | crops/s | × ceiling | GPU util |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {' | '.join(r)} |" for r in rows]
-    bench = append_lines(lines)
+    append_section("Training", [
+        f"torch {torch.__version__}; {args.backbone}, 64 px crops, batch {args.batch}, "
+        f"{args.steps} steps per row, {args.workers} DataLoader workers, crops from the on-disk "
+        f"cache ({n_crops} crops, {'bf16-mixed' if bf16 else 'fp32'}).\n",
+        "| run | crops/s | × ceiling | GPU util |", "| --- | ---: | ---: | ---: |",
+        *(f"| {' | '.join(r)} |" for r in rows)])
+    bench = BENCH_MD
     console.print(f"appended to {bench}")
 
 
