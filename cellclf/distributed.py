@@ -49,7 +49,8 @@ class SlideWorker:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         from cellclf.engine import load_engine
-        from cellclf.infer import _open_store, software_versions
+        from cellclf.infer import _open_store
+        from cellclf.versions import software_versions
 
         self.job = job
         self.engine = load_engine(job.model, backend=job.backend, device=device, batch=job.batch)

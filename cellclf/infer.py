@@ -16,10 +16,8 @@ the manifest row is written last. A kill at any point therefore leaves either no
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
-import platform
 import signal
 import time
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any
 
 from cellclf.errors import CellclfError
 from cellclf.manifest import Manifest, ManifestRow, slide_id_for
+from cellclf.versions import software_versions
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                   ".svslide", ".dcm"}
@@ -60,22 +59,6 @@ def expand_slides(args: list[str]) -> list[Path]:
             unique.append(q)
     return unique
 
-
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for pkg in ("cellclf", "numpy", "openslide-python", "openslide-bin", "tifffile", "torch",
-                "onnxruntime"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    try:
-        import openslide
-
-        versions["openslide"] = openslide.__library_version__
-    except (ImportError, AttributeError):
-        pass
-    return versions
 
 
 @dataclass

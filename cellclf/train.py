@@ -9,12 +9,9 @@ config, early stopping on validation macro-F1 over the target classes), and writ
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import platform
 import shutil
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from cellclf.config import Config
 from cellclf.dataset import CropSet, Datasets, build_datasets
 from cellclf.evaluate import metrics_from_confusion
 from cellclf.model import CellClassifier, predict_logits, save_bundle
+from cellclf.versions import TRAINING_PACKAGES, software_versions
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +143,6 @@ class CellLitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def software_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("cellclf", "torch", "torchvision", "lightning", "albumentations", "numpy"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    return out
-
 
 def _precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
@@ -257,7 +248,7 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
         "epochs": trainer.current_epoch, "max_epochs": cfg.train.epochs,
         "best_epoch_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
         else None,
-        "seed": cfg.train.seed, "config": cfg.to_dict(), "software": software_versions(),
+        "seed": cfg.train.seed, "config": cfg.to_dict(), "software": software_versions(TRAINING_PACKAGES),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "precision": _precision(cfg), "seconds": round(time.time() - t0, 1),
     }
