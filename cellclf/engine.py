@@ -59,6 +59,24 @@ class TorchEngine:
 
         return softmax(self.logits(crops), self.temperature).astype(np.float32)
 
+    def classify_tensor(self, crops: Any) -> np.ndarray:
+        """Probabilities (host numpy) for uint8 NHWC crops already in a torch tensor (ideally on
+        this engine's device: crops cut on the GPU never cross PCIe); same maths as ``classify``."""
+        import torch
+
+        from cellclf.calibrate import softmax
+
+        cuda = self.device.type == "cuda"
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(crops), self.batch):
+                x = crops[s:s + self.batch].to(self.device, non_blocking=cuda)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                    out.append(self.model(x).float())
+        if not out:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return softmax(torch.cat(out).cpu().numpy(), self.temperature).astype(np.float32)
+
 
 class OnnxEngine:
     """``model.onnx`` under onnxruntime; temperature and softmax are inside the graph."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cellclf.errors import ModelMismatchError
+from cellclf.errors import ConfigError, ModelMismatchError
 
 REVIEW_CONTEXT_PX = 160  # side of the context image at the model's mpp (80 µm at 0.5 µm/px)
 
@@ -35,6 +35,8 @@ class RunParams:
     max_mpp_ratio: float = 1.5  # refuse slides coarser than model mpp × this
     ood_sample_tiles: int = 12  # tissue tiles sampled for the slide's stain/focus statistics
     min_tissue_fraction: float = 0.0
+    stage: str = "auto"  # detect+crop+classify: "device" (torch engine's device), "host", or auto
+    tiles_per_batch: int = 8  # tiles per device batch
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,8 +77,8 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     """Run one slide; ``on_review(items)`` receives ReviewItem batches for gated cells."""
     from cellclf.calibration import sample_tiles
     from cellclf.conformal import aps_sets
-    from cellclf.crops import crop_halo_um, cut_crops
-    from cellclf.detect import detect_cells, detect_halo_um
+    from cellclf.crops import crop_halo_um
+    from cellclf.detect import detect_halo_um
     from cellclf.gate import GateParams, apply_gate, review_priority
     from cellclf.ood import OODParams, is_ood, slide_stats
     from cellclf.reader import TileReader
@@ -116,32 +118,8 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
     timings["ood_check"] = time.perf_counter() - t1
 
-    def detect_tile(item: tuple) -> tuple:
-        tile, rgb = item
-        centres = detect_cells(rgb, work_mpp)
-        xy0 = tile.to_level0(centres) if len(centres) else np.zeros((0, 2))
-        keep = tile.owns(xy0) if len(xy0) else np.zeros(0, bool)
-        centres, xy0 = centres[keep], xy0[keep]
-        crops = cut_crops(rgb, centres, crop_px)
-        ctx = cut_crops(rgb, centres, REVIEW_CONTEXT_PX) if on_review else None
-        return xy0, crops, ctx
-
-    acc = _Acc()
-    pending: list[tuple] = []
-    n_pending = 0
-    t_classify = 0.0
-
-    def flush() -> None:
-        nonlocal pending, n_pending, t_classify
-        if not pending:
-            return
-        xy0 = np.concatenate([p[0] for p in pending])
-        crops = np.concatenate([p[1] for p in pending])
-        ctx = np.concatenate([p[2] for p in pending]) if on_review else None
-        pending, n_pending = [], 0
-        tc = time.perf_counter()
-        probs = engine.classify(crops)
-        t_classify += time.perf_counter() - tc
+    def consume(xy0: np.ndarray, probs: np.ndarray, cut: Callable[[np.ndarray], tuple]) -> None:
+        """Gate one batch of classified cells; ``cut(rows)`` → (crops, context) for review."""
         if gate is not None:
             accept, reason = apply_gate(probs, gate, ood_slide=ood_info["flagged"])
         else:
@@ -149,8 +127,11 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
             reason = np.full(len(probs), "uncertified_class", dtype=object)
         conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
         if on_review is not None and (~accept).any():
-            on_review(_review_items(slide_id, str(path), acc.n, xy0, probs, accept, reason, conf,
-                                    crops, ctx, classes, review_priority(probs)))
+            rows = np.flatnonzero(~accept)
+            crops, ctx = cut(rows)
+            on_review(_review_items(slide_id, str(path), acc.n + rows, xy0[rows], probs[rows],
+                                    reason[rows], conf[rows], crops, ctx, classes,
+                                    review_priority(probs[rows])))
         acc.xy0.append(xy0)
         acc.probs.append(probs.astype(np.float32))
         acc.accept.append(accept)
@@ -158,20 +139,20 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         acc.conformal.append(conf)
         acc.n += len(xy0)
 
+    acc = _Acc()
     t2 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, params.workers or 2)) as pool:
-        for i, (xy0, crops, ctx) in enumerate(_bounded_map(pool, detect_tile,
-                                                           reader.iter_tiles(tiles), 8)):
-            if len(xy0):
-                pending.append((xy0, crops, ctx))
-                n_pending += len(xy0)
-            if n_pending >= params.batch:
-                flush()
-            if progress:
-                progress(i + 1, len(tiles))
-        flush()
+    on_device = _use_device_stage(engine, params.stage)
+    try:
+        if on_device:
+            t_wait = _run_device_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
+                                       progress)
+        else:
+            t_wait = _run_host_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
+                                     progress, with_context=on_review is not None)
+    finally:
+        reader.close()
     timings["read_detect_classify"] = time.perf_counter() - t2
-    timings["classify"] = t_classify
+    timings["device_stage_wait" if on_device else "classify"] = t_wait
     timings["total"] = time.perf_counter() - t0
     k = len(classes)
     cat = (lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt))  # noqa: E731
@@ -181,7 +162,101 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         accept=cat(acc.accept, (0,), bool), reason=cat(acc.reason, (0,), object),
         conformal=cat(acc.conformal, (0, k), bool), tissue_area_mm2=tissue_mm2,
         thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
-        extra={"n_tiles": len(tiles)})
+        extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host"})
+
+
+def _use_device_stage(engine: Any, stage: str) -> bool:
+    """Device stage when asked, or by default when the engine is torch on CUDA."""
+    if stage not in ("auto", "device", "host"):
+        raise ConfigError(f"stage must be auto, device or host, got {stage!r}")
+    is_torch = getattr(engine, "backend", "") == "torch" and hasattr(engine, "classify_tensor")
+    if stage == "device" and not is_torch:
+        raise ConfigError("the device stage runs the torch engine: use --backend torch, or stage=host")
+    return stage == "device" or (stage == "auto" and is_torch and engine.device.type == "cuda")
+
+
+def _run_host_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
+                    params: RunParams, consume: Callable, progress: Callable | None,
+                    with_context: bool) -> float:
+    """Detect and cut on the host (thread pool), classify in batches; seconds spent classifying."""
+    from cellclf.crops import cut_crops
+    from cellclf.detect import detect_cells
+
+    def detect_tile(item: tuple) -> tuple:
+        tile, rgb = item
+        centres = detect_cells(rgb, work_mpp)
+        xy0 = tile.to_level0(centres) if len(centres) else np.zeros((0, 2))
+        keep = tile.owns(xy0) if len(xy0) else np.zeros(0, bool)
+        centres, xy0 = centres[keep], xy0[keep]
+        crops = cut_crops(rgb, centres, crop_px)
+        ctx = cut_crops(rgb, centres, REVIEW_CONTEXT_PX) if with_context else None
+        return xy0, crops, ctx
+
+    pending: list[tuple] = []
+    t_classify = 0.0
+
+    def flush() -> None:
+        nonlocal pending, t_classify
+        if not pending:
+            return
+        xy0 = np.concatenate([p[0] for p in pending])
+        crops = np.concatenate([p[1] for p in pending])
+        ctx = np.concatenate([p[2] for p in pending]) if with_context else None
+        pending = []
+        tc = time.perf_counter()
+        probs = engine.classify(crops)
+        t_classify += time.perf_counter() - tc
+        consume(xy0, probs, lambda rows: (crops[rows], None if ctx is None else ctx[rows]))
+
+    with ThreadPoolExecutor(max_workers=max(1, params.workers or 2)) as pool:
+        for i, item in enumerate(_bounded_map(pool, detect_tile, reader.iter_tiles(tiles), 8)):
+            if len(item[0]):
+                pending.append(item)
+            if sum(len(p[0]) for p in pending) >= params.batch:
+                flush()
+            if progress:
+                progress(i + 1, len(tiles))
+        flush()
+    return t_classify
+
+
+def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
+                      params: RunParams, consume: Callable, progress: Callable | None) -> float:
+    """Detect, cut and classify on the engine's device (:mod:`cellclf.gpu_stage`); review crops are
+    cut on the host from the decoded tiles, for gated cells only. Seconds the loop waited on it."""
+    from cellclf.crops import cut_crops
+    from cellclf.gpu_stage import DeviceStage
+    from cellclf.reader import default_workers
+
+    done, waited = 0, 0.0
+    merge_workers = max(2, (params.workers or default_workers()) // 2)
+    with DeviceStage(engine, work_mpp, crop_px, tiles_per_batch=params.tiles_per_batch,
+                     merge_workers=merge_workers) as stage:
+        outputs = stage.run(reader.iter_tiles(tiles))
+        while True:
+            t = time.perf_counter()
+            out = next(outputs, None)
+            waited += time.perf_counter() - t
+            if out is None:
+                break
+
+            def cut(rows: np.ndarray, out: Any = out) -> tuple[np.ndarray, np.ndarray]:
+                owner = out.tile_of[rows]
+                crops = np.empty((len(rows), crop_px, crop_px, 3), np.uint8)
+                ctx = np.empty((len(rows), REVIEW_CONTEXT_PX, REVIEW_CONTEXT_PX, 3), np.uint8)
+                for j in np.unique(owner):
+                    m = owner == j
+                    rgb, centres = out.tiles[j][1], out.centres_px[rows[m]]
+                    crops[m] = cut_crops(rgb, centres, crop_px)
+                    ctx[m] = cut_crops(rgb, centres, REVIEW_CONTEXT_PX)
+                return crops, ctx
+
+            if len(out.xy0):
+                consume(out.xy0, out.probs, cut)
+            done += len(out.tiles)
+            if progress:
+                progress(done, len(tiles))
+    return waited
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth: int) -> Iterator:
@@ -197,16 +272,17 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth:
         yield queue.popleft().result()
 
 
-def _review_items(slide_id: str, slide_path: str, first_id: int, xy0: np.ndarray, probs: np.ndarray,
-                  accept: np.ndarray, reason: np.ndarray, conf: np.ndarray, crops: np.ndarray,
+def _review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray, probs: np.ndarray,
+                  reason: np.ndarray, conf: np.ndarray, crops: np.ndarray,
                   ctx: np.ndarray | None, classes: list[str], priority: np.ndarray) -> list:
+    """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids)."""
     from cellclf.review.store import ReviewItem
 
     items = []
     pred = probs.argmax(axis=1)
-    for i in np.flatnonzero(~accept):
+    for i in range(len(ids)):
         items.append(ReviewItem(
-            slide_id=slide_id, cell_id=int(first_id + i), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
+            slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
             predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
             conformal_set=[c for k, c in enumerate(classes) if conf[i, k]], reason=str(reason[i]),
             priority=float(priority[i]), crop_png=png_bytes(crops[i]),

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from cellclf.augment import apply_cpu, cpu_transform, gpu_augment
 from cellclf.card import SYNTHETIC_NOTICE, Card
@@ -46,6 +46,23 @@ class CropDataset(Dataset):
         return torch.from_numpy(np.require(crop, np.uint8, ["C", "W"])), int(self.labels[i])
 
 
+class CropBatchDataset(Dataset):
+    """Whole batches by one (sorted) fancy index: the loader for runs with no CPU augmentation
+    (``augment.gpu_augment`` or augmentation off), where per-sample Python work would be the
+    bottleneck. Used with a ``BatchSampler`` and ``batch_size=None``."""
+
+    def __init__(self, crops: np.ndarray, labels: np.ndarray):
+        self.crops, self.labels = crops, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i = np.sort(np.asarray(idx, dtype=np.int64))
+        crops = np.ascontiguousarray(self.crops[i])
+        return torch.from_numpy(crops), torch.from_numpy(np.asarray(self.labels[i], np.int64))
+
+
 def class_weights(labels: np.ndarray, k: int) -> np.ndarray:
     """Inverse-frequency weights ``N / (K' · n_c)`` (K' = classes present; absent classes → 0)."""
     counts = np.bincount(labels, minlength=k).astype(np.float64)
@@ -67,14 +84,21 @@ class CellDataModule(L.LightningDataModule):
                               "persistent_workers": t.num_workers > 0}
         if not train:
             return DataLoader(CropDataset(cs.crops, cs.labels), shuffle=False, **kw)
-        ds = CropDataset(cs.crops, cs.labels, cpu_transform(self.cfg.augment))
+        transform = cpu_transform(self.cfg.augment)
         gen = torch.Generator().manual_seed(t.seed)
+        drop_last = len(cs) > t.batch_size
         if t.balance == "sampler":
             w = class_weights(cs.labels, len(self.data.classes))[cs.labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(cs),
-                                            replacement=True, generator=gen)
-            return DataLoader(ds, sampler=sampler, drop_last=len(cs) > t.batch_size, **kw)
-        return DataLoader(ds, shuffle=True, generator=gen, drop_last=len(cs) > t.batch_size, **kw)
+            sampler: Any = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(cs),
+                                                 replacement=True, generator=gen)
+        else:
+            sampler = RandomSampler(cs, generator=gen)
+        if transform is None:  # nothing per sample: fetch whole batches at once
+            kw.pop("batch_size")
+            return DataLoader(CropBatchDataset(cs.crops, cs.labels), batch_size=None,
+                              sampler=BatchSampler(sampler, t.batch_size, drop_last), **kw)
+        ds = CropDataset(cs.crops, cs.labels, transform)
+        return DataLoader(ds, sampler=sampler, drop_last=drop_last, **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data.splits["train"], True)

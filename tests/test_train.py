@@ -183,3 +183,43 @@ def test_cli_train_then_evaluate_on_tiny_synthetic_slides(tiny_slide, tiny_svs,
     assert metrics["detection"]["recall_all"] > 0.3
     assert {"macro_f1", "balanced_accuracy", "per_class", "count_error"} <= set(metrics)
     assert table.probs.shape == (len(table), 4)
+
+
+def test_batch_loader_keeps_crops_and_labels_together():
+    """The whole-batch loader (no CPU augmentation): every crop arrives once per epoch, with its label."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from cellclf.train import CropBatchDataset
+
+    n = 103
+    crops = np.zeros((n, 4, 4, 3), np.uint8)
+    crops[:, 0, 0, 0] = np.arange(n) % 256
+    labels = np.arange(n) % 4
+    ds = CropBatchDataset(crops, labels)
+    sampler = BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(0)), 16, False)
+    seen = []
+    for x, y in DataLoader(ds, batch_size=None, sampler=sampler, num_workers=0):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (4, 4, 3) and len(x) == len(y) <= 16
+        assert (x[:, 0, 0, 0].long() % 4 == y).all()
+        seen += x[:, 0, 0, 0].tolist()
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_bf16_with_gpu_augment(tmp_path: Path) -> None:
+    """bf16-mixed training on CUDA fed by the whole-batch loader and device-side augmentation."""
+    import torch
+
+    from cellclf.train import fit
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    data = write_crop_folder(tmp_path / "crops", per_class=32)
+    cfg = load_config(REPO / "configs" / "train-tiny.yaml",
+                      ["data.crop_mpp=0.5", "train.epochs=6", "augment.gpu_augment=true",
+                       "train.accelerator=gpu"])
+    out = fit(cfg, data, tmp_path / "bundle")
+    model, card = load_bundle(out)
+    assert card.training["config"]["train"]["accelerator"] == "gpu"
+    assert card.metrics["val"]["accuracy"] > 0.5

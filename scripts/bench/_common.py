@@ -14,6 +14,9 @@ BENCH_MD = REPO / "docs" / "benchmarks.md"
 
 
 def commit() -> str:
+    """The measured commit: ``CELLCLF_COMMIT`` when set (a copy of the tree without .git), else git's."""
+    if os.environ.get("CELLCLF_COMMIT"):
+        return os.environ["CELLCLF_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
                               capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,160 @@
+"""The device stage of ``run_slide``: detect → crop → classify for batches of tiles on one torch
+device (the GPU in production; the CPU in tests), so crops never leave the device before the model.
+
+Where it sits: ``TileReader`` threads decode tiles on the CPU → :class:`DeviceStage` uploads a batch
+of equally-sized tiles once → :class:`~cellclf.detect_torch.TorchDetector` computes the smoothed maps
+and local maxima on the device → the per-tile merge/refine step (numpy, the same code as the CPU
+detector) runs in a thread pool on the host → crops are gathered from the tiles still on the device
+→ the engine classifies them (bf16 autocast on CUDA) → probabilities come back to the host for the
+gate. Only the maps, the peaks and the probabilities cross PCIe after the upload.
+
+Batches are pipelined two deep: the device work of batch k+1 is issued before batch k's host-side
+merge results are awaited, so the GPU, the reader threads and the merge threads overlap.
+Candidates, crops and probabilities equal those of the CPU path (tested on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cellclf.detect import DetectParams, postprocess
+from cellclf.detect_torch import TorchDetector
+
+
+@dataclass
+class StageOutput:
+    """Owned cells of one batch of tiles: level-0 centres, probabilities, and where each came from."""
+
+    xy0: np.ndarray  # (N, 2) float64 level-0 px
+    probs: np.ndarray  # (N, K) float32
+    tiles: list  # [(Tile, rgb uint8 on the host)] of the batch
+    tile_of: np.ndarray  # (N,) index into ``tiles``
+    centres_px: np.ndarray  # (N, 2) float32 tile px (for review crops cut on the host)
+    crops: np.ndarray | None = None  # (N, crop, crop, 3) uint8 on the host, when asked for
+
+
+@dataclass
+class _Pending:
+    tiles: list
+    x: torch.Tensor  # (B, H, W, 3) uint8 on the device
+    futures: list[Future]
+
+
+class DeviceStage:
+    """Detect, crop and classify batches of tiles on ``engine.device`` (a TorchEngine)."""
+
+    def __init__(self, engine, work_mpp: float, crop_px: int, *, tiles_per_batch: int = 8,
+                 merge_workers: int = 4, params: DetectParams | None = None,
+                 keep_crops: bool = False) -> None:
+        self.engine = engine
+        self.device = torch.device(engine.device)
+        self.work_mpp, self.crop_px = float(work_mpp), int(crop_px)
+        self.tiles_per_batch = max(1, tiles_per_batch)
+        self.params = params or DetectParams()
+        self.detector = TorchDetector(self.params, self.device)
+        self.pool = ThreadPoolExecutor(max(1, merge_workers), thread_name_prefix="cellclf-merge")
+        self.keep_crops = keep_crops
+        self.offsets = torch.arange(self.crop_px, device=self.device)
+        self.t_device = 0.0  # seconds the main thread spent waiting on the device stage
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> DeviceStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def run(self, tiles: Iterable[tuple]) -> Iterator[StageOutput]:
+        """``(tile, rgb)`` in → one :class:`StageOutput` per batch of equally-sized tiles, in order."""
+        previous: _Pending | None = None
+        for batch in _batches(tiles, self.tiles_per_batch):
+            current = self._launch(batch)
+            if previous is not None:
+                yield self._finish(previous)
+            previous = current
+        if previous is not None:
+            yield self._finish(previous)
+
+    def _launch(self, batch: list[tuple]) -> _Pending:
+        """Upload a batch, compute maps and peaks on the device, hand the merge to the pool."""
+        host = torch.from_numpy(np.stack([rgb for _, rgb in batch]))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=cuda)
+        sm, ridge, body, f = self.detector.smoothed(x, self.work_mpp)
+        peaks = self.detector.peaks(sm, f * self.work_mpp)
+        maps = torch.stack((sm, ridge, body), dim=1).cpu().numpy()  # (B, 3, h, w)
+        pk = peaks.cpu().numpy()
+        bounds = np.searchsorted(pk[:, 0], np.arange(len(batch) + 1))
+        futures = [self.pool.submit(_merge, maps[j], pk[bounds[j]:bounds[j + 1], 1:], f,
+                                    self.work_mpp, self.params, tile)
+                   for j, (tile, _) in enumerate(batch)]
+        return _Pending(batch, x, futures)
+
+    def _finish(self, pending: _Pending) -> StageOutput:
+        """Owned centres → crops gathered on the device → probabilities on the host."""
+        xy0s, centres, tile_of = [], [], []
+        for j, fut in enumerate(pending.futures):
+            c, xy0 = fut.result()
+            xy0s.append(xy0)
+            centres.append(c)
+            tile_of.append(np.full(len(c), j, np.int64))
+        xy0 = np.concatenate(xy0s) if xy0s else np.zeros((0, 2))
+        cxy = np.concatenate(centres) if centres else np.zeros((0, 2), np.float32)
+        t_idx = np.concatenate(tile_of) if tile_of else np.zeros(0, np.int64)
+        k = len(self.engine.classes)
+        if len(xy0) == 0:
+            return StageOutput(xy0.reshape(0, 2), np.zeros((0, k), np.float32), pending.tiles,
+                               t_idx, cxy.reshape(0, 2))
+        crops = self.gather_crops(pending.x, t_idx, cxy)
+        probs = self.engine.classify_tensor(crops)
+        host_crops = crops.cpu().numpy() if self.keep_crops else None
+        return StageOutput(xy0, probs, pending.tiles, t_idx, cxy, host_crops)
+
+    def gather_crops(self, x: torch.Tensor, tile_idx: np.ndarray, centres_px: np.ndarray) -> torch.Tensor:
+        """(N, crop, crop, 3) uint8 windows of the device tiles ``x`` centred on tile-px centres, with
+        :func:`cellclf.crops.crop_corners`'s rounding; white outside the tile (as ``cut_crops``)."""
+        from cellclf.crops import crop_corners
+
+        _, h, w, _ = x.shape
+        corners = torch.as_tensor(crop_corners(centres_px, self.crop_px), device=self.device)
+        rows = corners[:, 1, None] + self.offsets  # (N, crop)
+        cols = corners[:, 0, None] + self.offsets
+        t = torch.as_tensor(tile_idx, device=self.device)
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        crops = x[t[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+        if not bool(inside.all()):
+            crops = torch.where(inside[..., None], crops, torch.full_like(crops, 255))
+        return crops
+
+
+def _merge(maps: np.ndarray, rc: np.ndarray, f: int, mpp: float, params: DetectParams,
+           tile) -> tuple[np.ndarray, np.ndarray]:
+    """Host side of detection for one tile: merge/refine peaks, keep the centres the tile owns."""
+    c = postprocess(maps[0], maps[1], maps[2], rc, f, mpp, params)
+    if len(c) == 0:
+        return c.reshape(0, 2), np.zeros((0, 2))
+    xy0 = tile.to_level0(c.astype(np.float64))
+    keep = tile.owns(xy0)
+    return c[keep], xy0[keep]
+
+
+def _batches(items: Iterable[tuple], n: int) -> Iterator[list[tuple]]:
+    """Consecutive runs of at most ``n`` tiles of one shape (a shape change starts a new batch)."""
+    batch: list[tuple] = []
+    for item in items:
+        if batch and (len(batch) >= n or item[1].shape != batch[0][1].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
