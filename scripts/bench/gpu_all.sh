@@ -15,11 +15,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.lo
   if ! timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.log"; then
     echo "!!! $name failed or timed out"; fails=$((fails + 1))
   fi
+  cp docs/benchmarks.md "$LOG/benchmarks.md" 2>/dev/null || true
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 step tests 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu_stage.py tests/test_train.py
 step classify 120 $PY scripts/bench/classify.py --n 8192
-step train 200 $PY scripts/bench/train.py --steps 150 --batch 1024 --workers 8 --size 4096
+step train 200 $PY scripts/bench/train.py --steps 150 --batch 1024 --workers 8 --size 8192
 step e2e_small 120 $PY scripts/bench/e2e.py --width 16000 --height 12000
 [ -n "${E2E_LARGE:-}" ] && step e2e_large 420 $PY scripts/bench/e2e.py --width 100000 --height 80000
 echo "=== done, $fails failed"
