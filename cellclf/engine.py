@@ -52,7 +52,37 @@ class TorchEngine:
     def logits(self, crops: np.ndarray) -> np.ndarray:
         from cellclf.model import predict_logits
 
-        return predict_logits(self.model, crops, batch=self.batch, device=self.device)
+        if self.device.type != "cuda" or len(crops) == 0:
+            return predict_logits(self.model, crops, batch=self.batch, device=self.device)
+        return self._logits_cuda(np.asarray(crops))
+
+    def _logits_cuda(self, crops: np.ndarray) -> np.ndarray:
+        """Host crops → logits with the copies hidden behind the compute: each batch is copied into
+        one of two pinned buffers and sent on a side stream while the previous batch runs."""
+        import torch
+
+        shape = (self.batch, *crops.shape[1:])
+        if getattr(self, "_pinned", None) is None or self._pinned[0].shape != shape:
+            self._pinned = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+            self._copy_stream = torch.cuda.Stream(self.device)
+        done = [None, None]  # copy-finished event per pinned buffer
+        out = []
+        compute = torch.cuda.current_stream(self.device)
+        with torch.inference_mode():
+            for k, s in enumerate(range(0, len(crops), self.batch)):
+                chunk = crops[s:s + self.batch]
+                buf = self._pinned[k % 2][:len(chunk)]
+                if done[k % 2] is not None:
+                    done[k % 2].synchronize()  # its previous copy has left the buffer
+                buf.numpy()[...] = chunk
+                with torch.cuda.stream(self._copy_stream):
+                    x = buf.to(self.device, non_blocking=True)
+                    done[k % 2] = self._copy_stream.record_event()
+                compute.wait_stream(self._copy_stream)
+                x.record_stream(compute)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out.append(self.model(x).float())
+        return torch.cat(out).cpu().numpy()
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         from cellclf.calibrate import softmax

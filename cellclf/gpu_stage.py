@@ -1,12 +1,14 @@
 """The device stage of ``run_slide``: detect → crop → classify for batches of tiles on one torch
 device (the GPU in production; the CPU in tests), so crops never leave the device before the model.
 
-Where it sits: ``TileReader`` threads decode tiles on the CPU → :class:`DeviceStage` uploads a batch
-of equally-sized tiles once → :class:`~cellclf.detect_torch.TorchDetector` computes the smoothed maps
+Where it sits: tiles arrive either decoded by the ``TileReader`` threads on the CPU (uploaded once
+per batch, :meth:`DeviceStage.run`) or decoded on the device itself from the file's JPEG bytes
+(:mod:`cellclf.gpu_decode`, :meth:`DeviceStage.run_decoding`) → :class:`~cellclf.detect_torch.TorchDetector` computes the smoothed maps
 and local maxima on the device → the per-tile merge/refine step (numpy, the same code as the CPU
 detector) runs in a thread pool on the host → crops are gathered from the tiles still on the device
 → the engine classifies them (bf16 autocast on CUDA) → probabilities come back to the host for the
-gate. Only the maps, the peaks and the probabilities cross PCIe after the upload.
+gate; review crops of gated cells are gathered on the device too. Only the maps, the peaks, the
+probabilities and the gated cells' crops cross PCIe.
 
 Batches are pipelined two deep: the device work of batch k+1 is issued before batch k's host-side
 merge results are awaited, so the GPU, the reader threads and the merge threads overlap.
@@ -32,10 +34,10 @@ class StageOutput:
 
     xy0: np.ndarray  # (N, 2) float64 level-0 px
     probs: np.ndarray  # (N, K) float32
-    tiles: list  # [(Tile, rgb uint8 on the host)] of the batch
+    tiles: list  # the batch's Tiles
+    x: torch.Tensor  # (B, H, W, 3) uint8: the batch's windows, still on the device
     tile_of: np.ndarray  # (N,) index into ``tiles``
-    centres_px: np.ndarray  # (N, 2) float32 tile px (for review crops cut on the host)
-    crops: np.ndarray | None = None  # (N, crop, crop, 3) uint8 on the host, when asked for
+    centres_px: np.ndarray  # (N, 2) float32 tile px
 
 
 @dataclass
@@ -49,8 +51,7 @@ class DeviceStage:
     """Detect, crop and classify batches of tiles on ``engine.device`` (a TorchEngine)."""
 
     def __init__(self, engine, work_mpp: float, crop_px: int, *, tiles_per_batch: int = 8,
-                 merge_workers: int = 4, params: DetectParams | None = None,
-                 keep_crops: bool = False) -> None:
+                 merge_workers: int = 4, params: DetectParams | None = None) -> None:
         self.engine = engine
         self.device = torch.device(engine.device)
         self.work_mpp, self.crop_px = float(work_mpp), int(crop_px)
@@ -58,9 +59,6 @@ class DeviceStage:
         self.params = params or DetectParams()
         self.detector = TorchDetector(self.params, self.device)
         self.pool = ThreadPoolExecutor(max(1, merge_workers), thread_name_prefix="cellclf-merge")
-        self.keep_crops = keep_crops
-        self.offsets = torch.arange(self.crop_px, device=self.device)
-        self.t_device = 0.0  # seconds the main thread spent waiting on the device stage
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -73,32 +71,57 @@ class DeviceStage:
 
     # -- pipeline -------------------------------------------------------------------------------
     def run(self, tiles: Iterable[tuple]) -> Iterator[StageOutput]:
-        """``(tile, rgb)`` in → one :class:`StageOutput` per batch of equally-sized tiles, in order."""
+        """``(tile, rgb)`` decoded on the host in → one :class:`StageOutput` per batch of
+        equally-sized tiles, in order."""
+        cuda = self.device.type == "cuda"
+
+        def upload(batch: list[tuple]) -> tuple[list, torch.Tensor]:
+            host = torch.from_numpy(np.stack([rgb for _, rgb in batch]))
+            x = (host.pin_memory() if cuda else host).to(self.device, non_blocking=cuda)
+            return [t for t, _ in batch], x
+
+        return self._pipeline(upload(b) for b in _batches(tiles, self.tiles_per_batch,
+                                                           lambda item: item[1].shape))
+
+    def run_decoding(self, tiles: list, reader) -> Iterator[StageOutput]:
+        """Tiles decoded on the device by a :class:`~cellclf.gpu_decode.DeviceTileReader`; the
+        host reads the next batch's JPEG bytes while the device decodes this one."""
+        from cellclf.gpu_decode import plan_key
+
+        batches = list(_batches(tiles, self.tiles_per_batch, lambda t: plan_key(reader.reader, t)))
+
+        def windows() -> Iterator[tuple[list, torch.Tensor]]:
+            with ThreadPoolExecutor(1, thread_name_prefix="cellclf-fetch") as fetcher:
+                nxt = fetcher.submit(reader.fetch, batches[0]) if batches else None
+                for i, batch in enumerate(batches):
+                    fetched = nxt.result()
+                    if i + 1 < len(batches):
+                        nxt = fetcher.submit(reader.fetch, batches[i + 1])
+                    yield batch, reader.decode(fetched)
+
+        return self._pipeline(windows())
+
+    def _pipeline(self, windows: Iterable[tuple[list, torch.Tensor]]) -> Iterator[StageOutput]:
         previous: _Pending | None = None
-        for batch in _batches(tiles, self.tiles_per_batch):
-            current = self._launch(batch)
+        for tiles, x in windows:
+            current = self._launch(tiles, x)
             if previous is not None:
                 yield self._finish(previous)
             previous = current
         if previous is not None:
             yield self._finish(previous)
 
-    def _launch(self, batch: list[tuple]) -> _Pending:
-        """Upload a batch, compute maps and peaks on the device, hand the merge to the pool."""
-        host = torch.from_numpy(np.stack([rgb for _, rgb in batch]))
-        cuda = self.device.type == "cuda"
-        if cuda:
-            host = host.pin_memory()
-        x = host.to(self.device, non_blocking=cuda)
+    def _launch(self, tiles: list, x: torch.Tensor) -> _Pending:
+        """Maps and peaks of a batch on the device; the merge goes to the pool."""
         sm, ridge, body, f = self.detector.smoothed(x, self.work_mpp)
         peaks = self.detector.peaks(sm, f * self.work_mpp)
         maps = torch.stack((sm, ridge, body), dim=1).cpu().numpy()  # (B, 3, h, w)
         pk = peaks.cpu().numpy()
-        bounds = np.searchsorted(pk[:, 0], np.arange(len(batch) + 1))
+        bounds = np.searchsorted(pk[:, 0], np.arange(len(tiles) + 1))
         futures = [self.pool.submit(_merge, maps[j], pk[bounds[j]:bounds[j + 1], 1:], f,
                                     self.work_mpp, self.params, tile)
-                   for j, (tile, _) in enumerate(batch)]
-        return _Pending(batch, x, futures)
+                   for j, tile in enumerate(tiles)]
+        return _Pending(tiles, x, futures)
 
     def _finish(self, pending: _Pending) -> StageOutput:
         """Owned centres → crops gathered on the device → probabilities on the host."""
@@ -114,22 +137,23 @@ class DeviceStage:
         k = len(self.engine.classes)
         if len(xy0) == 0:
             return StageOutput(xy0.reshape(0, 2), np.zeros((0, k), np.float32), pending.tiles,
-                               t_idx, cxy.reshape(0, 2))
-        crops = self.gather_crops(pending.x, t_idx, cxy)
-        probs = self.engine.classify_tensor(crops)
-        host_crops = crops.cpu().numpy() if self.keep_crops else None
-        return StageOutput(xy0, probs, pending.tiles, t_idx, cxy, host_crops)
+                               pending.x, t_idx, cxy.reshape(0, 2))
+        probs = self.engine.classify_tensor(self.gather_crops(pending.x, t_idx, cxy, self.crop_px))
+        return StageOutput(xy0, probs, pending.tiles, pending.x, t_idx, cxy)
 
-    def gather_crops(self, x: torch.Tensor, tile_idx: np.ndarray, centres_px: np.ndarray) -> torch.Tensor:
-        """(N, crop, crop, 3) uint8 windows of the device tiles ``x`` centred on tile-px centres, with
-        :func:`cellclf.crops.crop_corners`'s rounding; white outside the tile (as ``cut_crops``)."""
+    def gather_crops(self, x: torch.Tensor, tile_idx: np.ndarray, centres_px: np.ndarray,
+                     crop_px: int) -> torch.Tensor:
+        """(N, crop_px, crop_px, 3) uint8 windows of the device tiles ``x`` centred on tile-px
+        centres, with :func:`cellclf.crops.crop_corners`'s rounding; white outside the tile
+        (exactly ``cut_crops``)."""
         from cellclf.crops import crop_corners
 
         _, h, w, _ = x.shape
-        corners = torch.as_tensor(crop_corners(centres_px, self.crop_px), device=self.device)
-        rows = corners[:, 1, None] + self.offsets  # (N, crop)
-        cols = corners[:, 0, None] + self.offsets
-        t = torch.as_tensor(tile_idx, device=self.device)
+        corners = torch.as_tensor(crop_corners(centres_px, crop_px), device=x.device)
+        offsets = torch.arange(crop_px, device=x.device)
+        rows = corners[:, 1, None] + offsets  # (N, crop)
+        cols = corners[:, 0, None] + offsets
+        t = torch.as_tensor(tile_idx, device=x.device)
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         crops = x[t[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
         if not bool(inside.all()):
@@ -148,11 +172,11 @@ def _merge(maps: np.ndarray, rc: np.ndarray, f: int, mpp: float, params: DetectP
     return c[keep], xy0[keep]
 
 
-def _batches(items: Iterable[tuple], n: int) -> Iterator[list[tuple]]:
-    """Consecutive runs of at most ``n`` tiles of one shape (a shape change starts a new batch)."""
-    batch: list[tuple] = []
+def _batches(items: Iterable, n: int, key) -> Iterator[list]:
+    """Consecutive runs of at most ``n`` items with one ``key`` (a key change starts a new batch)."""
+    batch: list = []
     for item in items:
-        if batch and (len(batch) >= n or item[1].shape != batch[0][1].shape):
+        if batch and (len(batch) >= n or key(item) != key(batch[0])):
             yield batch
             batch = []
         batch.append(item)

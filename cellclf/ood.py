@@ -82,45 +82,62 @@ class SlideStats:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+def _tile_sums(arr: np.ndarray, k: int, sigma_px: float, source: str) -> tuple:
+    """One tile's additive statistics: (tissue px, concentration sum, OD histogram, Σlap, Σlap²)."""
+    from scipy.ndimage import gaussian_laplace
+
+    if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
+        raise CalibrationError(f"{source}: tile {k} must be (H, W, 3) uint8 RGB, got "
+                               f"shape {arr.shape} dtype {arr.dtype}.")
+    rgb = arr[..., :3]
+    od = optical_density(rgb)
+    od_sum = od.sum(axis=2)
+    tissue = od_sum > TISSUE_OD
+    m = int(tissue.sum())
+    if m == 0:
+        return 0, np.zeros(3), np.zeros(_HIST_BINS, np.int64), 0.0, 0.0
+    # unmixing is linear, so the mean concentration is the unmixed mean OD
+    conc = od[tissue].sum(axis=0, dtype=np.float64) @ _UNMIX
+    hist = np.histogram(od_sum[tissue], bins=_HIST_BINS, range=(0.0, _OD_MAX))[0]
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255.0
+    grey = rgb.astype(np.float32) @ luma
+    lap = gaussian_laplace(grey, sigma_px, mode="reflect")[tissue] * sigma_px**2
+    return (m, conc, hist, float(lap.sum(dtype=np.float64)),
+            float(np.square(lap, dtype=np.float64).sum()))
+
+
 def slide_stats(tiles_rgb: Iterable[np.ndarray], mpp: float, min_tissue_px: int = 1000,
-                source: str = "slide") -> SlideStats:
+                source: str = "slide", workers: int = 1) -> SlideStats:
     """Stream tiles (H, W, 3) uint8 RGB read at ``mpp`` µm/px into :class:`SlideStats`.
 
     Pass all tissue tiles of a slide, or a random sample of them (a few dozen 512² tiles are
     plenty; each costs ~0.1 s on one core); a single image works too (pass ``[img]``).
+    ``workers`` > 1 computes the tiles' sums in threads (numpy and scipy release the GIL); the
+    statistics are sums, so the result does not depend on it.
     Raises :class:`CalibrationError` (naming ``source``) when fewer than ``min_tissue_px``
     tissue pixels are seen.
     """
-    from scipy.ndimage import gaussian_laplace
-
     if not mpp > 0:
         raise CalibrationError(f"{source}: mpp must be > 0 for focus statistics, got {mpp}.")
     sigma_px = FOCUS_SIGMA_UM / mpp
-    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32) / 255.0
+    tiles = enumerate(np.asarray(t) for t in tiles_rgb)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda kt: _tile_sums(kt[1], kt[0], sigma_px, source), tiles))
+    else:
+        parts = (_tile_sums(arr, k, sigma_px, source) for k, arr in tiles)
     n = 0
     conc_sum = np.zeros(3)
     lap_sum = lap_sq = 0.0
     hist = np.zeros(_HIST_BINS, dtype=np.int64)
-    for k, tile in enumerate(tiles_rgb):
-        arr = np.asarray(tile)
-        if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
-            raise CalibrationError(f"{source}: tile {k} must be (H, W, 3) uint8 RGB, got "
-                                   f"shape {arr.shape} dtype {arr.dtype}.")
-        rgb = arr[..., :3]
-        od = optical_density(rgb)
-        od_sum = od.sum(axis=2)
-        tissue = od_sum > TISSUE_OD
-        m = int(tissue.sum())
-        if m == 0:
-            continue
+    for m, conc, h, ls, lq in parts:
         n += m
-        # unmixing is linear, so the mean concentration is the unmixed mean OD
-        conc_sum += od[tissue].sum(axis=0, dtype=np.float64) @ _UNMIX
-        hist += np.histogram(od_sum[tissue], bins=_HIST_BINS, range=(0.0, _OD_MAX))[0]
-        grey = rgb.astype(np.float32) @ luma
-        lap = gaussian_laplace(grey, sigma_px, mode="reflect")[tissue] * sigma_px**2
-        lap_sum += float(lap.sum(dtype=np.float64))
-        lap_sq += float(np.square(lap, dtype=np.float64).sum())
+        conc_sum += conc
+        hist += h
+        lap_sum += ls
+        lap_sq += lq
     if n < min_tissue_px:
         raise CalibrationError(f"{source}: only {n} tissue pixels in the tiles given (need "
                                f"≥ {min_tissue_px}); pass tissue tiles, not blank glass.")

@@ -37,6 +37,7 @@ class RunParams:
     min_tissue_fraction: float = 0.0
     stage: str = "auto"  # detect+crop+classify: "device" (torch engine's device), "host", or auto
     tiles_per_batch: int = 8  # tiles per device batch
+    device_decode: str = "auto"  # JPEG decode on the device stage's device: auto | on | off
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,7 +86,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     from cellclf.results import SlideResult
     from cellclf.slide import Slide
     from cellclf.tiling import tile_grid
-    from cellclf.tissue import require_tissue, slide_tissue_mask
+    from cellclf.tissue import require_tissue, tissue_mask, tissue_thumbnail_px
 
     params = params or RunParams()
     path = Path(path)
@@ -95,57 +96,58 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     classes = list(card["classes"])
     with Slide(path, mpp=params.mpp_override) as slide:
         check_model_fits(slide.mpp, work_mpp, path, params.max_mpp_ratio)
-        tissue = slide_tissue_mask(slide)
-        thumb, ds = slide.thumbnail(1600)
         mpp, width, height, vendor = slide.mpp, slide.width, slide.height, slide.vendor
-    require_tissue(tissue, path)
-    tissue_mm2 = tissue.area_mm2(mpp)
-    # the halo holds a whole cell for detection and a whole crop for every owned cell
-    halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp))
-    tiles = tile_grid(width, height, mpp, work_mpp, params.tile_um, halo_um, tissue,
-                      params.min_tissue_fraction)
-    timings["open_tissue_tiling"] = time.perf_counter() - t0
     reader = TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers)
-
-    gate = (GateParams.from_dict(card["gate"], classes=classes) if card.get("gate") else None)
-    aps = card.get("conformal")
-    ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
-    t1 = time.perf_counter()
-    if card.get("ood"):
-        sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(tiles, params.ood_sample_tiles))]
-        stats = slide_stats(sample, work_mpp)
-        flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
-        ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
-    timings["ood_check"] = time.perf_counter() - t1
-
-    def consume(xy0: np.ndarray, probs: np.ndarray, cut: Callable[[np.ndarray], tuple]) -> None:
-        """Gate one batch of classified cells; ``cut(rows)`` → (crops, context) for review."""
-        if gate is not None:
-            accept, reason = apply_gate(probs, gate, ood_slide=ood_info["flagged"])
-        else:
-            accept = np.zeros(len(probs), bool)
-            reason = np.full(len(probs), "uncertified_class", dtype=object)
-        conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
-        if on_review is not None and (~accept).any():
-            rows = np.flatnonzero(~accept)
-            crops, ctx = cut(rows)
-            on_review(_review_items(slide_id, str(path), acc.n + rows, xy0[rows], probs[rows],
-                                    reason[rows], conf[rows], crops, ctx, classes,
-                                    review_priority(probs[rows])))
-        acc.xy0.append(xy0)
-        acc.probs.append(probs.astype(np.float32))
-        acc.accept.append(accept)
-        acc.reason.append(np.asarray(reason, dtype=object))
-        acc.conformal.append(conf)
-        acc.n += len(xy0)
-
-    acc = _Acc()
-    t2 = time.perf_counter()
-    on_device = _use_device_stage(engine, params.stage)
     try:
+        small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
+        tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
+        thumb, ds = reader.thumbnail(1600)
+        tissue_mm2 = tissue.area_mm2(mpp)
+        # the halo holds a whole cell for detection and a whole crop for every owned cell
+        halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp))
+        tiles = tile_grid(width, height, mpp, work_mpp, params.tile_um, halo_um, tissue,
+                          params.min_tissue_fraction)
+        timings["open_tissue_tiling"] = time.perf_counter() - t0
+
+        gate = (GateParams.from_dict(card["gate"], classes=classes) if card.get("gate") else None)
+        aps = card.get("conformal")
+        ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
+        t1 = time.perf_counter()
+        if card.get("ood"):
+            sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(tiles, params.ood_sample_tiles))]
+            stats = slide_stats(sample, work_mpp, workers=reader.workers)
+            flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
+            ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
+        timings["ood_check"] = time.perf_counter() - t1
+
+        def consume(xy0: np.ndarray, probs: np.ndarray, cut: Callable[[np.ndarray], tuple]) -> None:
+            """Gate one batch of classified cells; ``cut(rows)`` → (crops, context) for review."""
+            if gate is not None:
+                accept, reason = apply_gate(probs, gate, ood_slide=ood_info["flagged"])
+            else:
+                accept = np.zeros(len(probs), bool)
+                reason = np.full(len(probs), "uncertified_class", dtype=object)
+            conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
+            if on_review is not None and (~accept).any():
+                rows = np.flatnonzero(~accept)
+                crops, ctx = cut(rows)
+                on_review(_review_items(slide_id, str(path), acc.n + rows, xy0[rows], probs[rows],
+                                        reason[rows], conf[rows], crops, ctx, classes,
+                                        review_priority(probs[rows])))
+            acc.xy0.append(xy0)
+            acc.probs.append(probs.astype(np.float32))
+            acc.accept.append(accept)
+            acc.reason.append(np.asarray(reason, dtype=object))
+            acc.conformal.append(conf)
+            acc.n += len(xy0)
+
+        acc = _Acc()
+        t2 = time.perf_counter()
+        on_device = _use_device_stage(engine, params.stage)
+        decoded_on_device = False
         if on_device:
-            t_wait = _run_device_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
-                                       progress)
+            t_wait, decoded_on_device = _run_device_stage(engine, reader, tiles, work_mpp,
+                                                          crop_px, params, consume, progress)
         else:
             t_wait = _run_host_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
                                      progress, with_context=on_review is not None)
@@ -162,7 +164,8 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         accept=cat(acc.accept, (0,), bool), reason=cat(acc.reason, (0,), object),
         conformal=cat(acc.conformal, (0, k), bool), tissue_area_mm2=tissue_mm2,
         thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
-        extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host"})
+        extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host",
+               "decode": "device" if decoded_on_device else "host"})
 
 
 def _use_device_stage(engine: Any, stage: str) -> bool:
@@ -221,18 +224,32 @@ def _run_host_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop
 
 
 def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
-                      params: RunParams, consume: Callable, progress: Callable | None) -> float:
-    """Detect, cut and classify on the engine's device (:mod:`cellclf.gpu_stage`); review crops are
-    cut on the host from the decoded tiles, for gated cells only. Seconds the loop waited on it."""
-    from cellclf.crops import cut_crops
+                      params: RunParams, consume: Callable,
+                      progress: Callable | None) -> tuple[float, bool]:
+    """Detect, cut and classify on the engine's device (:mod:`cellclf.gpu_stage`), tiles decoded
+    there too when :mod:`cellclf.gpu_decode` can (``params.device_decode``); review crops are cut
+    on the device for gated cells only. Returns (seconds the loop waited on the stage, whether the
+    tiles were decoded on the device)."""
+    from contextlib import ExitStack
+
+    from cellclf.gpu_decode import DeviceTileReader, device_readable
     from cellclf.gpu_stage import DeviceStage
     from cellclf.reader import default_workers
 
     done, waited = 0, 0.0
-    merge_workers = max(2, (params.workers or default_workers()) // 2)
-    with DeviceStage(engine, work_mpp, crop_px, tiles_per_batch=params.tiles_per_batch,
-                     merge_workers=merge_workers) as stage:
-        outputs = stage.run(reader.iter_tiles(tiles))
+    cores = params.workers or default_workers()
+    with ExitStack() as stack:
+        stage = stack.enter_context(DeviceStage(engine, work_mpp, crop_px,
+                                                tiles_per_batch=params.tiles_per_batch,
+                                                merge_workers=max(2, cores // 2)))
+        decode_here = params.device_decode == "on" or (
+            params.device_decode == "auto" and stage.device.type == "cuda"
+            and device_readable(reader, tiles))
+        if decode_here:
+            dreader = stack.enter_context(DeviceTileReader(reader, stage.device, io_workers=cores))
+            outputs = stage.run_decoding(tiles, dreader)
+        else:
+            outputs = stage.run(reader.iter_tiles(tiles))
         while True:
             t = time.perf_counter()
             out = next(outputs, None)
@@ -241,22 +258,16 @@ def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, cr
                 break
 
             def cut(rows: np.ndarray, out: Any = out) -> tuple[np.ndarray, np.ndarray]:
-                owner = out.tile_of[rows]
-                crops = np.empty((len(rows), crop_px, crop_px, 3), np.uint8)
-                ctx = np.empty((len(rows), REVIEW_CONTEXT_PX, REVIEW_CONTEXT_PX, 3), np.uint8)
-                for j in np.unique(owner):
-                    m = owner == j
-                    rgb, centres = out.tiles[j][1], out.centres_px[rows[m]]
-                    crops[m] = cut_crops(rgb, centres, crop_px)
-                    ctx[m] = cut_crops(rgb, centres, REVIEW_CONTEXT_PX)
-                return crops, ctx
+                owner, centres = out.tile_of[rows], out.centres_px[rows]
+                return (stage.gather_crops(out.x, owner, centres, crop_px).cpu().numpy(),
+                        stage.gather_crops(out.x, owner, centres, REVIEW_CONTEXT_PX).cpu().numpy())
 
             if len(out.xy0):
                 consume(out.xy0, out.probs, cut)
             done += len(out.tiles)
             if progress:
                 progress(done, len(tiles))
-    return waited
+    return waited, decode_here
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth: int) -> Iterator:

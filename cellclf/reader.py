@@ -120,6 +120,22 @@ class TileReader:
             self.tiles_read += 1
         return rgb
 
+    def thumbnail(self, max_px: int = 2048) -> tuple[np.ndarray, float]:
+        """Whole slide, longest side ≤ ``max_px``: (RGB, level-0 px per thumbnail px along x).
+
+        As :meth:`cellclf.slide.Slide.thumbnail` (the same rows, band by band), but the bands are
+        read by the worker threads through the fast path: seconds instead of tens on big slides.
+        """
+        ds = max(1.0, max(self.width, self.height) / max_px)
+        out_w, out_h = max(1, round(self.width / ds)), max(1, round(self.height / ds))
+        rows = np.linspace(0, out_h, max(1, min(out_h, 4 * self.workers)) + 1).round().astype(int)
+        step_y = self.height / out_h
+        bands = [(int(r0), int(r1)) for r0, r1 in zip(rows[:-1], rows[1:], strict=True) if r1 > r0]
+        parts = self._executor().map(
+            lambda b: self.read_box(0, b[0] * step_y, self.width, (b[1] - b[0]) * step_y, out_w,
+                                    b[1] - b[0]), bands)
+        return np.concatenate(list(parts), axis=0), self.width / out_w
+
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cellclf-read")

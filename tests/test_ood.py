@@ -153,3 +153,15 @@ def test_real_slide_crops(shared_wsi: Path) -> None:
     flagged, reasons = is_ood(slide_stats([blur(test, 3)], mpp), params)
     assert flagged and any("focus" in r for r in reasons)
     assert is_ood(slide_stats([blue_cast(test)], mpp), params)[0]
+
+
+def test_slide_stats_in_threads_equals_serial():
+    from cellclf.ood import slide_stats
+
+    rng = np.random.default_rng(5)
+    tiles = [rng.integers(60, 250, (120, 90, 3), dtype=np.uint8) for _ in range(5)]
+    a = slide_stats(tiles, 0.5).to_dict()
+    b = slide_stats(iter(tiles), 0.5, workers=3).to_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-12), k

@@ -46,6 +46,28 @@ class GpuSampler(threading.Thread):
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
+def _device_decode_floor(reader, tiles: list, engine, per_batch: int) -> float | None:
+    """Seconds to decode every tile window on the GPU (None without CUDA or a readable level)."""
+    if getattr(engine, "backend", "") != "torch" or engine.device.type != "cuda":
+        return None
+    import torch
+
+    from cellclf.gpu_decode import DeviceTileReader, device_readable, plan_key
+    from cellclf.gpu_stage import _batches
+
+    if not device_readable(reader, tiles):
+        return None
+    with DeviceTileReader(reader, engine.device, io_workers=reader.workers) as dr:
+        batches = list(_batches(tiles, per_batch, lambda t: plan_key(reader, t)))
+        dr.read_batch(batches[0])  # warm-up (nvJPEG handles)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for batch in batches:
+            dr.read_batch(batch)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
 def _warm_up(engine, card: dict) -> None:
     """First calls pay for lazy CUDA/cuDNN initialisation: make them before the clocks start."""
     import numpy as np
@@ -70,6 +92,9 @@ def main() -> int:
     ap.add_argument("--stage", default="auto", choices=("auto", "device", "host"),
                     help="where detect/crop/classify run (auto: the device for torch on CUDA)")
     ap.add_argument("--tiles-per-batch", type=int, default=8)
+    ap.add_argument("--device-decode", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--compare-decode", action="store_true",
+                    help="also run with the tiles decoded on the CPU (device stage)")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
 
@@ -80,7 +105,7 @@ def main() -> int:
     from cellclf.slide import Slide
     from cellclf.synth import render_slide
     from cellclf.tiling import tile_grid
-    from cellclf.tissue import slide_tissue_mask
+    from cellclf.tissue import tissue_mask, tissue_thumbnail_px
 
     name = f"e2e_{a.width}x{a.height}"
     slide = a.work / f"{name}.tif"
@@ -93,47 +118,63 @@ def main() -> int:
     engine = load_engine(a.model, backend=a.backend)
     _warm_up(engine, card)
     # decode floor: read every tissue tile at the model's mpp, as the pipeline does, nothing else
-    with Slide(slide) as s:
-        tissue = slide_tissue_mask(s)
-        tiles = tile_grid(s.width, s.height, s.mpp, card["mpp"], 512.0, 30.0, tissue)
     reader = TileReader(slide, card["mpp"], workers=a.workers)
+    with Slide(slide) as s:
+        small, small_ds = reader.thumbnail(tissue_thumbnail_px(s.width, s.height, s.mpp))
+        tiles = tile_grid(s.width, s.height, s.mpp, card["mpp"], 512.0, 30.0,
+                          tissue_mask(small, small_ds, s.mpp))
     t0 = time.perf_counter()
     mp = 0.0
     for _, rgb in reader.iter_tiles(tiles):
         mp += rgb.shape[0] * rgb.shape[1] / 1e6
     t_floor = time.perf_counter() - t0
-    sampler = GpuSampler() if shutil.which("nvidia-smi") else None
-    if sampler:
-        sampler.start()
-    t0 = time.perf_counter()
-    params = RunParams(workers=a.workers, stage=a.stage, tiles_per_batch=a.tiles_per_batch)
-    result = run_slide(slide, engine, card, slide_id=name, params=params)
-    t_run = time.perf_counter() - t0
-    if sampler:
-        sampler.stop.set()
-    gpu = sampler.mean() if sampler else None
-    cells = result.n_cells
+    t_gpu_floor = _device_decode_floor(reader, tiles, engine, a.tiles_per_batch)
+    reader.close()
+    runs = [("run_slide", a.device_decode)]
+    if a.compare_decode and t_gpu_floor is not None:
+        runs.append(("run_slide, tiles decoded on the CPU", "off"))
+    rows, results = [], []
+    for label, decode in runs:
+        sampler = GpuSampler() if shutil.which("nvidia-smi") else None
+        if sampler:
+            sampler.start()
+        t0 = time.perf_counter()
+        params = RunParams(workers=a.workers, stage=a.stage, tiles_per_batch=a.tiles_per_batch,
+                           device_decode=decode)
+        result = run_slide(slide, engine, card, slide_id=name, params=params)
+        t_run = time.perf_counter() - t0
+        if sampler:
+            sampler.stop.set()
+        gpu = sampler.mean() if sampler else None
+        results.append(result)
+        cells = result.n_cells
+        label = f"{label} (stage {result.extra['stage']}, decode on {result.extra['decode']})"
+        rows.append(f"| {label} | {t_run:.2f} | {cells / t_run:,.0f} | {t_run / t_floor:.2f} | "
+                    f"{'n/a' if gpu is None else f'{gpu:.0f}%'} |")
+        print(f"{label}: {t_run:.2f} s ({t_run / t_floor:.2f}× CPU decode floor); {cells} cells, "
+              f"{cells / t_run:,.0f} cells/s; GPU util {gpu if gpu is None else round(gpu)}%")
+        print("  stage timings:", {k: round(v, 2) for k, v in result.timings_s.items()})
     gp = a.width * a.height / 1e9
     print(f"slide {a.width}×{a.height} ({gp:.2f} GP at 0.25 µm/px), {len(tiles)} tiles, "
-          f"{mp:.0f} MP read at {card['mpp']} µm/px; rendered in {t_render:.1f} s")
-    print(f"decode floor {t_floor:.2f} s; run_slide {t_run:.2f} s ({t_run / t_floor:.2f}× floor); "
-          f"{cells} cells, {cells / t_run:,.0f} cells/s; backend {engine.backend}; "
-          f"GPU util {gpu if gpu is None else round(gpu)}%")
-    print("stage timings:", {k: round(v, 2) for k, v in result.timings_s.items()})
+          f"{mp:.0f} MP read at {card['mpp']} µm/px; rendered in {t_render:.1f} s; CPU decode floor "
+          f"{t_floor:.2f} s; device decode floor {t_gpu_floor}")
     if not a.no_record:
+        result = results[0]
         lines = [f"Synthetic slide {a.width}×{a.height} px at 0.25 µm/px ({gp:.2f} GP), "
-                 f"{len(tiles)} tissue tiles read at {card['mpp']} µm/px ({mp:.0f} MP), rendered by `cellclf "
-                 f"synth` in {t_render:.0f} s ({'cached' if t_render < 1 else 'this run'}); model "
-                 f"{a.model.name}, backend {engine.backend}, stage {result.extra.get('stage')}, "
-                 f"{a.tiles_per_batch} tiles per device batch, reader workers {a.workers or 'all'}; "
-                 f"{cells} cells found.\n",
-                 "| what | seconds | cells/s | × decode floor | GPU util |",
+                 f"{len(tiles)} tissue tiles read at {card['mpp']} µm/px ({mp:.0f} MP), rendered by "
+                 f"`cellclf synth` in {t_render:.0f} s ({'cached' if t_render < 1 else 'this run'}); "
+                 f"model {a.model.name}, backend {engine.backend}, {a.tiles_per_batch} tiles per "
+                 f"device batch, reader workers {a.workers or 'all'}; {result.n_cells} cells found.\n",
+                 "| what | seconds | cells/s | × CPU decode floor | GPU util |",
                  "| --- | ---: | ---: | ---: | ---: |",
-                 f"| decode floor (read + decode all tissue tiles) | {t_floor:.2f} | | 1.00 | |",
-                 f"| run_slide (read, detect, crop, classify, gate) | {t_run:.2f} | "
-                 f"{cells / t_run:,.0f} | {t_run / t_floor:.2f} | "
-                 f"{'n/a' if gpu is None else f'{gpu:.0f}%'} |",
-                 f"\nStage timings (s): {({k: round(v, 2) for k, v in result.timings_s.items()})}"]
+                 f"| CPU decode floor (read + decode + resize all tissue tiles, reader threads) | "
+                 f"{t_floor:.2f} | | 1.00 | |"]
+        if t_gpu_floor is not None:
+            lines.append(f"| device decode floor (JPEG bytes → nvJPEG → windows at the working mpp) "
+                         f"| {t_gpu_floor:.2f} | | {t_gpu_floor / t_floor:.2f} | |")
+        lines += rows
+        lines += [f"\nStage timings (s), first run: "
+                  f"{({k: round(v, 2) for k, v in result.timings_s.items()})}"]
         append_section("End to end", lines)
     return 0
 
