@@ -1,8 +1,13 @@
 """Count correctness after review (issue: batch inference, "correct counts"): on slides with truth,
-per-class count error of auto-accepted + reviewed cells, where reviewed cells are answered with the
-ground truth (a perfect reviewer), and the count error of the auto-accepted cells alone.
+per class the card's gate threshold, automation and error among auto-accepted cells (per predicted
+class), the count error of auto-accepted + reviewed cells, where reviewed cells are answered with the
+ground truth (a perfect reviewer), the count error of the auto-accepted cells alone, and the share
+of true target cells auto-accepted as `other` (what the gate's miss bound certifies).
 
     python scripts/eval_counts.py --model models/cellclf-synth-he-v1 --data runs/ship-work/eval
+
+Count errors are the mean over slides of |counted − true| / true; true counts include cells the
+detector missed. Prints a table and, with --json, writes every number (per slide too).
 """
 
 from __future__ import annotations
@@ -17,48 +22,45 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    ap.add_argument("--workers", type=int, default=0)
     a = ap.parse_args()
 
-    import numpy as np
-
-    from cellclf.calibrate import softmax
     from cellclf.card import load_card
     from cellclf.evaluate import evaluate
-    from cellclf.gate import GateParams, apply_gate
 
     card = load_card(a.model)
-    table, _ = evaluate(a.model, a.data, None, progress=False)
-    classes = list(card.classes)
-    gate = GateParams.from_dict(card.gate, classes=classes)
-    det = table.detected
-    probs = softmax(table.logits[det], card.temperature)
-    accept, _ = apply_gate(probs, gate)
-    pred, truth, slide = probs.argmax(1), table.truth[det], table.slide[det]
-    out: dict = {}
-    for s in np.unique(table.slide):
-        in_s = slide == s
-        row = {}
-        for k, c in enumerate(classes):
-            if c == card.other_class:
-                continue
-            true_n = int(((table.slide == s) & (table.truth == k)).sum())  # incl. missed cells
-            auto = int((in_s & accept & (pred == k)).sum())
-            final = auto + int((in_s & ~accept & (truth == k)).sum())
-            row[c] = {"truth": true_n, "auto_only": auto, "final": final,
-                      "err_final": (final - true_n) / true_n if true_n else None,
-                      "err_auto_only": (auto - true_n) / true_n if true_n else None}
-        out[str(s)] = row
-    pooled = {c: float(np.mean([abs(r[c]["err_final"]) for r in out.values()]))
-              for c in classes if c != card.other_class}
-    pooled_auto = {c: float(np.mean([abs(r[c]["err_auto_only"]) for r in out.values()]))
-                   for c in classes if c != card.other_class}
-    print(json.dumps({"mean_abs_count_error_after_review": pooled,
-                      "mean_abs_count_error_auto_only": pooled_auto,
-                      "review_share": float((~accept).mean()), "per_slide": out}, indent=1))
+    if not card.gate:
+        print(f"{a.model}: the card has no gate; run `cellclf calibrate` first", file=sys.stderr)
+        return 2
+    _, metrics = evaluate(a.model, a.data, None, progress=False, workers=a.workers)
+    gate, counts = metrics["gate"], metrics["counts_after_review"]
+    g = card.gate
+    print(f"{a.model} on {a.data} ({metrics['n_slides']} slides): α = {g['alpha']}, "
+          f"β = {g.get('beta')}, δ = {g['delta']}; automation {_pct(gate['automation_rate'])}, "
+          f"accepted error {_pct(gate['accepted_error'])}")
+    head = ("class", "threshold", "automation", "accepted err", "count err after review",
+            "auto-only count err", "miss as other")
+    print(" | ".join(f"{h:>12}" for h in head))
+    for c in card.classes:
+        pc, thr = gate["per_class"][c], g["thresholds"].get(c)
+        row = (c, "—" if thr is None else f"{thr:.4f}", _pct(pc["automation_rate"]),
+               _pct(pc["accepted_error"]), _pct(counts["mean_abs_after_review"].get(c)),
+               _pct(counts["mean_abs_auto_only"].get(c)),
+               _pct(counts["pooled"].get(c, {}).get("miss_rate_other")))
+        print(" | ".join(f"{v:>12}" for v in row))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"model": str(a.model), "data": str(a.data),
+                                      "gate_card": g, "gate": gate, "counts": counts}, indent=1))
     return 0
 
 

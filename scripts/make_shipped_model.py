@@ -9,6 +9,14 @@ Full run (GPU recommended; the lead runs it):
     python scripts/make_shipped_model.py --train-slides 24 --eval-slides 6 --size-um 2048
 Tiny end-to-end check (CPU, about a minute):
     python scripts/make_shipped_model.py --tiny --out /tmp/ship --work /tmp/ship-work
+Recalibrate the shipped weights only (no training; model.pt stays byte-identical), e.g. after a
+change to the gate — what produced the committed card (CPU, about 5 minutes):
+    python scripts/make_shipped_model.py --skip-train --train-slides 16 --eval-slides 4 \
+        --cal-slides 8 --size-um 2048 --epochs 6 --backbone regnet_y_400mf --work runs/ship-work \
+        data.max_other_ratio=3 train.balance=none train.batch_size=128 train.num_workers=2 \
+        train.patience=4
+The gate is fitted with α = 0.01 per class and the miss bound β = 0.01 per target class (δ = 0.05
+over all 7 statements); EVALUATION.md gets the gate table and the counts after review.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "train.yaml")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--alpha", type=float, default=0.01, help="gate: error bound per class")
+    ap.add_argument("--beta", type=float, default=0.01,
+                    help="gate: miss bound per target class (share auto-accepted as other); 0 = off")
     ap.add_argument("--tiny", action="store_true",
                     help="a quick CPU check: 2+1 small slides, 1 epoch, train-tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
@@ -94,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir)
         fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=SYNTHETIC_NOTICE,
             weights_dtype="float16")
-    from cellclf.calibration import calibrate_bundle
+    from cellclf.calibration import calibrate_bundle, gate_report_md
     from cellclf.export import export_onnx
 
-    calibrate_bundle(run_dir, cal_dir, workers=a.workers, progress=not a.tiny)
-    export_onnx(run_dir)
+    if not (run_dir / "model.onnx").is_file():
+        export_onnx(run_dir)  # calibrate_bundle re-exports it with the fitted temperature
+    calibrate_bundle(run_dir, cal_dir, workers=a.workers, progress=not a.tiny, alpha=a.alpha,
+                     beta=a.beta if a.beta > 0 else None)
+    if load_card(run_dir).name != name:  # a run trained under another name (the report shows it)
+        save_card(load_card(run_dir).replace(name=name), run_dir)
     _, metrics = evaluate(run_dir, eval_dir, a.work / "eval-out", workers=a.workers,
                           progress=not a.tiny)
     card = load_card(run_dir)
@@ -111,16 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("ece_before", "ece_after", "gate", "no_gate"):
         if key in metrics:
             test[key] = metrics[key]
+    if "counts_after_review" in metrics:
+        test["counts_after_review"] = {k: v for k, v in metrics["counts_after_review"].items()
+                                       if k != "per_slide"}
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--skip-train"]
     training = {**card.training, "train_seeds": [TRAIN_SEED0 + i for i in range(a.train_slides)],
                 "slide_size_um": a.size_um, "difficulty": a.difficulty,
-                "reproduce": "python scripts/make_shipped_model.py " + " ".join(argv or sys.argv[1:])}
-    card = card.replace(metrics={**card.metrics, "synthetic_test": test}, training=training,
-                        description=SYNTHETIC_NOTICE, intended_use=SYNTHETIC_NOTICE)
+                "reproduce": "python scripts/make_shipped_model.py " + " ".join(args)}
+    card = card.replace(name=name, metrics={**card.metrics, "synthetic_test": test},
+                        training=training, description=SYNTHETIC_NOTICE,
+                        intended_use=SYNTHETIC_NOTICE)
     save_card(card, run_dir)
     a.out.mkdir(parents=True, exist_ok=True)
-    for f in ("card.json", card.weights_file, "model.onnx"):
+    for f in ("card.json", card.weights_file):
         shutil.copyfile(run_dir / f, a.out / f)
-    shutil.copyfile(a.work / "eval-out" / "report.md", a.out / "EVALUATION.md")
+    export_onnx(a.out)  # the ONNX metadata carries the final card; card.json gets its sha256
+    report = (a.work / "eval-out" / "report.md").read_text()
+    (a.out / "EVALUATION.md").write_text(report.rstrip("\n") + "\n\n"
+                                         + gate_report_md(metrics, card.gate or {}))
     for f in ("confusion.png", "reliability.png", "risk_coverage.png"):
         if (a.work / "eval-out" / f).is_file():
             shutil.copyfile(a.work / "eval-out" / f, a.out / f)

@@ -43,9 +43,30 @@ def test_calibrate_writes_gate_and_reexports(bundle, cal_data):
     assert all(gate["n_more_needed"][c] > 0 for c in uncertified)
     assert {"conformal", "ood", "calibration"} <= set(card)
     assert "exchangeable" in gate["guarantee"]
+    # count-safe by default: the miss bound β = 1 % for every target class, δ over 2K − 1 tests
+    assert gate["beta"] == 0.01 and gate["n_tests"] == 7 and gate["other_class"] == "other"
+    assert set(gate["miss"]) == {"eosinophil", "neutrophil", "mast_cell"}
+    assert "at most β = 0.01" in gate["guarantee"]
     # model.onnx was re-exported with the new temperature, so the onnx engine accepts it
     assert onnx_card(bundle / "model.onnx")["temperature"] == pytest.approx(card["temperature"])
     OnnxEngine(bundle)
+
+
+def test_calibrate_options_alpha_class_and_no_miss_bound(bundle, cal_data):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["calibrate", str(bundle), "--data", str(cal_data),
+                              "--alpha-class", "other"])
+    assert bad.exit_code != 0 and "CLASS=VALUE" in bad.output
+    unknown = runner.invoke(app, ["calibrate", str(bundle), "--data", str(cal_data),
+                                  "--alpha-class", "mast=0.1"])
+    assert unknown.exit_code != 0 and "unknown classes" in str(unknown.exception)
+    result = runner.invoke(app, ["calibrate", str(bundle), "--data", str(cal_data), "--beta", "0",
+                                 "--alpha-class", "other=0.3", "--alpha", "0.2"])
+    assert result.exit_code == 0, result.output
+    gate = json.loads((bundle / "card.json").read_text())["gate"]
+    assert gate["beta"] is None and gate["miss"] == {} and gate["n_tests"] == 4
+    assert gate["alpha_per_class"] == {"other": 0.3} and gate["alpha"] == 0.2
+    assert "other 0.3" in gate["guarantee"] and "no miss bound" in result.output
 
 
 def test_calibrate_refuses_training_slides(bundle, cal_data):
