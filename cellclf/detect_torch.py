@@ -36,6 +36,7 @@ class TorchDetector:
         hv, ev = stain_projection(self.params)
         self._hv = torch.as_tensor(hv, device=self.device).view(1, 3, 1, 1)
         self._ev = torch.as_tensor(ev, device=self.device).view(1, 3, 1, 1)
+        self._kernels: dict[float, torch.Tensor] = {}
 
     @torch.inference_mode()
     def smoothed(self, batch_u8: torch.Tensor,
@@ -63,7 +64,10 @@ class TorchDetector:
 
     def _smooth(self, img: torch.Tensor, sigma_px: float) -> torch.Tensor:
         """Separable Gaussian with edge replication, as ``detect.smooth``."""
-        k = torch.as_tensor(gaussian_kernel(sigma_px, self.params.truncate), device=self.device)
+        k = self._kernels.get(sigma_px)
+        if k is None:  # built once per width: a host→device copy here would stall the stream
+            k = torch.as_tensor(gaussian_kernel(sigma_px, self.params.truncate), device=self.device)
+            self._kernels[sigma_px] = k
         r = (len(k) - 1) // 2
         img = F.conv2d(F.pad(img, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
         return F.conv2d(F.pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))

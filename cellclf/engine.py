@@ -4,6 +4,8 @@ Sits between crop cutting and the gate. ``TorchEngine`` runs the bundle's torch 
 bf16 autocast when available, else CPU fp32); ``OnnxEngine`` runs ``model.onnx`` with onnxruntime
 (TensorRT or CUDA execution providers when installed, else CPU) and needs no torch. Both apply the
 card's temperature and softmax, so everything downstream is identical whichever backend ran.
+``OnnxEngine(precision="int8")`` runs ``model.int8.onnx`` and hands downstream the int8 model's
+own temperature and gate (``engine.card``), never the fp32 ones.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class TorchEngine:
                 buf = self._pinned[k % 2][:len(chunk)]
                 if done[k % 2] is not None:
                     done[k % 2].synchronize()  # its previous copy has left the buffer
-                buf.numpy()[...] = chunk
+                buf.copy_(torch.from_numpy(np.ascontiguousarray(chunk)))  # multi-threaded copy
                 with torch.cuda.stream(self._copy_stream):
                     x = buf.to(self.device, non_blocking=True)
                     done[k % 2] = self._copy_stream.record_event()
@@ -108,29 +110,56 @@ class TorchEngine:
         return softmax(torch.cat(out).cpu().numpy(), self.temperature).astype(np.float32)
 
 
+PRECISIONS = ("fp32", "int8")
+
+
 class OnnxEngine:
-    """``model.onnx`` under onnxruntime; temperature and softmax are inside the graph."""
+    """An exported graph under onnxruntime; temperature and softmax are inside the graph.
+
+    ``precision="fp32"`` (default) runs ``model.onnx``; ``precision="int8"`` runs the quantised
+    ``model.int8.onnx`` with the temperature, gate and conformal sets fitted on its own
+    probabilities (card.json's ``int8`` section): ``self.card`` then carries those, so code
+    downstream never applies the fp32 gate to int8 probabilities. An int8 file without its own
+    gate, an int8 file loaded as fp32 (or the reverse) and an int8 file from other weights are
+    refused. ``threads`` sets onnxruntime's intra-op threads (0 = one per physical core).
+    """
 
     backend = "onnx"
 
     def __init__(self, bundle: str | Path, device: str = "auto", batch: int = 256,
-                 onnx_file: str | None = None):
+                 onnx_file: str | None = None, precision: str = "fp32", threads: int = 0):
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
         from cellclf.card import bundle_paths
 
+        if precision not in PRECISIONS:
+            raise BundleError(f"unknown precision {precision!r}: use fp32 or int8")
         paths = bundle_paths(bundle)
-        self.card = read_card(bundle)
-        path = paths.root / onnx_file if onnx_file else paths.onnx
+        card = read_card(bundle)
+        if precision == "int8":
+            path, self.card = _int8_card(paths.root, card, onnx_file)
+        else:
+            path, self.card = (paths.root / onnx_file if onnx_file else paths.onnx), card
         if not path.is_file():
-            raise BundleError(f"{path} not found: run `cellclf export {paths.root}` first")
+            flag = " --int8" if precision == "int8" else ""
+            raise BundleError(f"{path} not found: run `cellclf export {paths.root}{flag}` first")
         meta_card = onnx_card(path)
+        graph_precision = (meta_card.get("onnx") or {}).get("precision", "fp32")
+        if graph_precision != precision:
+            raise BundleError(f"{path} is an {graph_precision} graph but precision {precision} was "
+                              f"asked for: use precision {graph_precision} (--precision), so that "
+                              "the gate fitted on that graph's own probabilities is used")
+        if precision == "int8" and meta_card.get("sha256") != card.get("sha256"):
+            raise BundleError(f"{path} was quantised from other weights than {paths.root}/model.pt "
+                              f"(retrained since?): run `cellclf export {paths.root} --int8` again")
         t_graph = float(meta_card.get("temperature", 1.0))
         t_card = float(self.card.get("temperature", 1.0))
         if abs(t_graph - t_card) > 1e-6:
+            flag = " --int8" if precision == "int8" else ""
             raise BundleError(f"{path} was exported with temperature {t_graph} but card.json says "
-                              f"{t_card} (recalibrated since?): run `cellclf export {paths.root}` again")
+                              f"{t_card} (recalibrated since?): run `cellclf export {paths.root}{flag}` "
+                              "again")
         available = ort.get_available_providers()
         wanted = ["CPUExecutionProvider"]
         if device != "cpu":
@@ -138,10 +167,14 @@ class OnnxEngine:
                       if p in available] + wanted
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.batch = batch
+        self.precision = precision
+        self.path = path
         self.classes = list(self.card["classes"])
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +194,24 @@ class OnnxEngine:
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         return self.run(crops)[0]
+
+
+def _int8_card(root: Path, card: dict, onnx_file: str | None) -> tuple[Path, dict]:
+    """The int8 graph's path and the card to use with it: temperature, gate and conformal sets
+    from card.json's ``int8`` section (fitted on int8 probabilities), never the fp32 ones."""
+    section = card.get("int8")
+    if not section:
+        raise BundleError(f"{root} has no int8 model: run `cellclf export {root} --int8` (it "
+                          "quantises the model and fits a gate on the int8 probabilities)")
+    missing = [k for k in ("file", "temperature", "gate") if not section.get(k)]
+    if missing:
+        raise BundleError(f"{root}/card.json's int8 section lacks {missing}: the int8 model needs "
+                          "its own gate (the fp32 thresholds do not hold for int8 probabilities); "
+                          f"run `cellclf export {root} --int8` again")
+    int8_card = dict(card)
+    int8_card.update(temperature=section["temperature"], gate=section["gate"],
+                     conformal=section.get("conformal"), precision="int8")
+    return root / (onnx_file or section["file"]), int8_card
 
 
 def onnx_card(path: str | Path) -> dict:
@@ -184,14 +235,21 @@ def torch_available() -> bool:
 
 
 def load_engine(bundle: str | Path, backend: str = "auto", device: str = "auto",
-                batch: int | None = None) -> Any:
+                batch: int | None = None, precision: str = "fp32") -> Any:
     """Pick a backend: torch on CUDA when present, else onnxruntime when the bundle has model.onnx,
-    else torch on CPU. ``backend`` = torch | onnx forces one."""
+    else torch on CPU. ``backend`` = torch | onnx forces one. ``precision="int8"`` runs
+    ``model.int8.onnx`` with its own gate (onnxruntime only; see :class:`OnnxEngine`)."""
     from cellclf.card import bundle_paths
 
     paths = bundle_paths(bundle)
     if backend not in ("auto", "torch", "onnx"):
         raise BundleError(f"unknown backend {backend!r}: use auto, torch or onnx")
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}: use fp32 or int8")
+    if precision == "int8":
+        if backend == "torch":
+            raise BundleError("precision int8 runs under onnxruntime only: use --backend onnx or auto")
+        return OnnxEngine(bundle, device=device, batch=batch or 256, precision="int8")
     if backend == "auto":
         has_torch = torch_available()
         cuda = False

@@ -3,12 +3,13 @@ device (the GPU in production; the CPU in tests), so crops never leave the devic
 
 Where it sits: tiles arrive either decoded by the ``TileReader`` threads on the CPU (uploaded once
 per batch, :meth:`DeviceStage.run`) or decoded on the device itself from the file's JPEG bytes
-(:mod:`cellclf.gpu_decode`, :meth:`DeviceStage.run_decoding`) → :class:`~cellclf.detect_torch.TorchDetector` computes the smoothed maps
-and local maxima on the device → the per-tile merge/refine step (numpy, the same code as the CPU
-detector) runs in a thread pool on the host → crops are gathered from the tiles still on the device
-→ the engine classifies them (bf16 autocast on CUDA) → probabilities come back to the host for the
-gate; review crops of gated cells are gathered on the device too. Only the maps, the peaks, the
-probabilities and the gated cells' crops cross PCIe.
+(:mod:`cellclf.gpu_decode`, :meth:`DeviceStage.run_decoding`) → the
+:class:`~cellclf.detect_torch.TorchDetector` computes the smoothed maps and local maxima on the
+device → the per-tile merge/refine step (numpy, the same code as the CPU detector) runs in a thread
+pool on the host → crops are gathered from the tiles still on the device → the engine classifies
+them (bf16 autocast on CUDA) → probabilities come back to the host for the gate; review crops of
+gated cells are gathered on the device too. Only the maps, the peaks, the probabilities and the
+gated cells' crops cross PCIe.
 
 Batches are pipelined two deep: the device work of batch k+1 is issued before batch k's host-side
 merge results are awaited, so the GPU, the reader threads and the merge threads overlap.
@@ -17,6 +18,7 @@ Candidates, crops and probabilities equal those of the CPU path (tested on CPU).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +61,10 @@ class DeviceStage:
         self.params = params or DetectParams()
         self.detector = TorchDetector(self.params, self.device)
         self.pool = ThreadPoolExecutor(max(1, merge_workers), thread_name_prefix="cellclf-merge")
+        # wall seconds the calling thread spent in each step (device work is asynchronous: it is
+        # paid where the host next waits for it, the maps' copy back or the probabilities)
+        self.timings: dict[str, float] = {"windows": 0.0, "detect": 0.0, "merge_wait": 0.0,
+                                          "classify": 0.0}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -103,8 +109,14 @@ class DeviceStage:
 
     def _pipeline(self, windows: Iterable[tuple[list, torch.Tensor]]) -> Iterator[StageOutput]:
         previous: _Pending | None = None
-        for tiles, x in windows:
-            current = self._launch(tiles, x)
+        windows = iter(windows)
+        while True:
+            t0 = time.perf_counter()
+            item = next(windows, None)
+            self.timings["windows"] += time.perf_counter() - t0
+            if item is None:
+                break
+            current = self._launch(*item)
             if previous is not None:
                 yield self._finish(previous)
             previous = current
@@ -113,6 +125,7 @@ class DeviceStage:
 
     def _launch(self, tiles: list, x: torch.Tensor) -> _Pending:
         """Maps and peaks of a batch on the device; the merge goes to the pool."""
+        t0 = time.perf_counter()
         sm, ridge, body, f = self.detector.smoothed(x, self.work_mpp)
         peaks = self.detector.peaks(sm, f * self.work_mpp)
         maps = torch.stack((sm, ridge, body), dim=1).cpu().numpy()  # (B, 3, h, w)
@@ -121,10 +134,12 @@ class DeviceStage:
         futures = [self.pool.submit(_merge, maps[j], pk[bounds[j]:bounds[j + 1], 1:], f,
                                     self.work_mpp, self.params, tile)
                    for j, tile in enumerate(tiles)]
+        self.timings["detect"] += time.perf_counter() - t0
         return _Pending(tiles, x, futures)
 
     def _finish(self, pending: _Pending) -> StageOutput:
         """Owned centres → crops gathered on the device → probabilities on the host."""
+        t0 = time.perf_counter()
         xy0s, centres, tile_of = [], [], []
         for j, fut in enumerate(pending.futures):
             c, xy0 = fut.result()
@@ -134,11 +149,14 @@ class DeviceStage:
         xy0 = np.concatenate(xy0s) if xy0s else np.zeros((0, 2))
         cxy = np.concatenate(centres) if centres else np.zeros((0, 2), np.float32)
         t_idx = np.concatenate(tile_of) if tile_of else np.zeros(0, np.int64)
+        t1 = time.perf_counter()
+        self.timings["merge_wait"] += t1 - t0
         k = len(self.engine.classes)
         if len(xy0) == 0:
             return StageOutput(xy0.reshape(0, 2), np.zeros((0, k), np.float32), pending.tiles,
                                pending.x, t_idx, cxy.reshape(0, 2))
         probs = self.engine.classify_tensor(self.gather_crops(pending.x, t_idx, cxy, self.crop_px))
+        self.timings["classify"] += time.perf_counter() - t1
         return StageOutput(xy0, probs, pending.tiles, pending.x, t_idx, cxy)
 
     def gather_crops(self, x: torch.Tensor, tile_idx: np.ndarray, centres_px: np.ndarray,

@@ -101,7 +101,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     try:
         small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
         tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
-        thumb, ds = reader.thumbnail(1600)
+        thumb, ds = _overlay_thumbnail(reader, small, small_ds, 1600)
         tissue_mm2 = tissue.area_mm2(mpp)
         # the halo holds a whole cell for detection and a whole crop for every owned cell
         halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp))
@@ -147,7 +147,8 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         decoded_on_device = False
         if on_device:
             t_wait, decoded_on_device = _run_device_stage(engine, reader, tiles, work_mpp,
-                                                          crop_px, params, consume, progress)
+                                                          crop_px, params, consume, progress,
+                                                          timings)
         else:
             t_wait = _run_host_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
                                      progress, with_context=on_review is not None)
@@ -166,6 +167,19 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
         extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host",
                "decode": "device" if decoded_on_device else "host"})
+
+
+def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
+                       max_px: int) -> tuple[np.ndarray, float]:
+    """The overlay's thumbnail: the tissue thumbnail shrunk when it is large enough, else a read."""
+    if max(small.shape[:2]) < max_px:
+        return reader.thumbnail(max_px)
+    from PIL import Image
+
+    scale = max_px / max(small.shape[:2])
+    size = (max(1, round(small.shape[1] * scale)), max(1, round(small.shape[0] * scale)))
+    img = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BOX))
+    return img, small_ds * small.shape[1] / size[0]
 
 
 def _use_device_stage(engine: Any, stage: str) -> bool:
@@ -224,8 +238,8 @@ def _run_host_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop
 
 
 def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
-                      params: RunParams, consume: Callable,
-                      progress: Callable | None) -> tuple[float, bool]:
+                      params: RunParams, consume: Callable, progress: Callable | None,
+                      timings: dict[str, float]) -> tuple[float, bool]:
     """Detect, cut and classify on the engine's device (:mod:`cellclf.gpu_stage`), tiles decoded
     there too when :mod:`cellclf.gpu_decode` can (``params.device_decode``); review crops are cut
     on the device for gated cells only. Returns (seconds the loop waited on the stage, whether the
@@ -267,6 +281,7 @@ def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, cr
             done += len(out.tiles)
             if progress:
                 progress(done, len(tiles))
+        timings.update({f"device_{k}": v for k, v in stage.timings.items()})
     return waited, decode_here
 
 

@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--device-decode", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--compare-decode", action="store_true",
                     help="also run with the tiles decoded on the CPU (device stage)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the first run (cProfile, calling thread) and print the top entries")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
 
@@ -141,7 +143,15 @@ def main() -> int:
         t0 = time.perf_counter()
         params = RunParams(workers=a.workers, stage=a.stage, tiles_per_batch=a.tiles_per_batch,
                            device_decode=decode)
-        result = run_slide(slide, engine, card, slide_id=name, params=params)
+        if a.profile and not results:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            result = prof.runcall(run_slide, slide, engine, card, slide_id=name, params=params)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        else:
+            result = run_slide(slide, engine, card, slide_id=name, params=params)
         t_run = time.perf_counter() - t0
         if sampler:
             sampler.stop.set()
