@@ -29,6 +29,15 @@ def read_card(bundle: str | Path) -> dict:
     return json.loads(paths.card.read_text())
 
 
+def bucket_size(n: int, batch: int) -> int:
+    """Rows a CUDA forward pass of ``n`` crops runs on: ``n`` rounded up to a power of two (≥ 256,
+    ≤ ``batch``). cuDNN builds an execution plan per input shape (about a millisecond per layer),
+    so ragged batches are padded to a handful of shapes (rows are independent in eval mode)."""
+    if n >= batch:
+        return batch
+    return min(batch, max(256, 1 << max(0, n - 1).bit_length()))
+
+
 class TorchEngine:
     """The bundle's torch model; bf16 autocast on CUDA, fp32 on CPU."""
 
@@ -50,6 +59,8 @@ class TorchEngine:
         self.batch = batch or (4096 if self.device.type == "cuda" else 256)
         self.classes = list(self.card["classes"])
         self.temperature = float(self.card.get("temperature", 1.0))
+        if self.device.type == "cuda":
+            self.warm_up()
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         from cellclf.model import predict_logits
@@ -73,23 +84,38 @@ class TorchEngine:
         with torch.inference_mode():
             for k, s in enumerate(range(0, len(crops), self.batch)):
                 chunk = crops[s:s + self.batch]
-                buf = self._pinned[k % 2][:len(chunk)]
+                buf = self._pinned[k % 2][:bucket_size(len(chunk), self.batch)]
                 if done[k % 2] is not None:
                     done[k % 2].synchronize()  # its previous copy has left the buffer
-                buf.copy_(torch.from_numpy(np.ascontiguousarray(chunk)))  # multi-threaded copy
+                buf[:len(chunk)].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))  # threaded
                 with torch.cuda.stream(self._copy_stream):
                     x = buf.to(self.device, non_blocking=True)
                     done[k % 2] = self._copy_stream.record_event()
                 compute.wait_stream(self._copy_stream)
                 x.record_stream(compute)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out.append(self.model(x).float())
+                    out.append(self.model(x)[:len(chunk)].float())
         return torch.cat(out).cpu().numpy()
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         from cellclf.calibrate import softmax
 
         return softmax(self.logits(crops), self.temperature).astype(np.float32)
+
+    def warm_up(self) -> None:
+        """Build the CUDA execution plans of every bucket size once (see :func:`bucket_size`)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return
+        crop = int(self.card["crop_px"])
+        size = 256
+        while True:
+            self.classify_tensor(torch.full((min(size, self.batch), crop, crop, 3), 255,
+                                            dtype=torch.uint8, device=self.device))
+            if size >= self.batch:
+                break
+            size *= 2
 
     def classify_tensor(self, crops: Any) -> np.ndarray:
         """Probabilities (host numpy) for uint8 NHWC crops already in a torch tensor (ideally on
@@ -103,8 +129,12 @@ class TorchEngine:
         with torch.inference_mode():
             for s in range(0, len(crops), self.batch):
                 x = crops[s:s + self.batch].to(self.device, non_blocking=cuda)
+                n = len(x)
+                if cuda and bucket_size(n, self.batch) > n:  # a few shapes only (see bucket_size)
+                    pad = x.new_full((bucket_size(n, self.batch) - n, *x.shape[1:]), 255)
+                    x = torch.cat((x, pad))
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                    out.append(self.model(x).float())
+                    out.append(self.model(x)[:n].float())
         if not out:
             return np.zeros((0, len(self.classes)), np.float32)
         return softmax(torch.cat(out).cpu().numpy(), self.temperature).astype(np.float32)

@@ -147,3 +147,12 @@ def test_device_readable_refuses_rgb_coded_jpeg(tmp_path):
         with TileReader(path, 0.5, workers=1) as reader:
             assert reader.fast_levels, photometric
             assert device_readable(reader, reader.grid(128.0, 30.0)) is expected, photometric
+
+
+def test_bucket_sizes_are_few_and_cover_the_batch():
+    from cellclf.engine import bucket_size
+
+    assert [bucket_size(n, 4096) for n in (1, 255, 256, 257, 3000, 4095, 4096, 9000)] == [
+        256, 256, 256, 512, 4096, 4096, 4096, 4096]
+    assert len({bucket_size(n, 4096) for n in range(1, 5000)}) == 5
+    assert bucket_size(100, 128) == 128
