@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=12000)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "cellclf-synth-he-v1")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/cellclf-bench-e2e"))
     ap.add_argument("--stage", default="auto", choices=("auto", "device", "host"),
@@ -117,7 +118,7 @@ def main() -> int:
                      workers=a.workers, progress=True)
     t_render = time.perf_counter() - t0
     card = load_card(a.model).to_dict()
-    engine = load_engine(a.model, backend=a.backend)
+    engine = load_engine(a.model, backend=a.backend, device=a.device)
     _warm_up(engine, card)
     # decode floor: read every tissue tile at the model's mpp, as the pipeline does, nothing else
     reader = TileReader(slide, card["mpp"], workers=a.workers)
