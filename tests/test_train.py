@@ -223,3 +223,24 @@ def test_fit_on_cuda_bf16_with_gpu_augment(tmp_path: Path) -> None:
     model, card = load_bundle(out)
     assert card.training["config"]["train"]["accelerator"] == "gpu"
     assert card.metrics["val"]["accuracy"] > 0.5
+
+
+def test_cli_train_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
+    """`train.strategy=ddp` with two processes (gloo on CPU; NCCL on GPUs is the same code path):
+    the whole-batch loader is sharded by Lightning, rank 0 alone writes the bundle."""
+    import subprocess
+    import sys
+
+    data = write_crop_folder(tmp_path / "crops", per_class=16)
+    out = tmp_path / "ddp"
+    launcher = tmp_path / "cellclf_cli.py"  # Lightning relaunches this file for rank 1
+    launcher.write_text("from cellclf.cli import main\n\nmain()\n")
+    cmd = [sys.executable, str(launcher), "train",
+           "-c", str(REPO / "configs" / "train-tiny.yaml"), "--data", str(data), "--out", str(out),
+           "data.crop_mpp=0.5", "train.epochs=2", "train.accelerator=cpu", "train.devices=2",
+           "train.strategy=ddp", "augment.gpu_augment=true", "train.num_workers=0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["config"]["train"]["strategy"] == "ddp"
+    assert card["training"]["config"]["train"]["devices"] == 2
