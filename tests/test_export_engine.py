@@ -97,3 +97,28 @@ def test_load_engine_choices(random_bundle, tmp_path):
         load_engine(random_bundle, backend="tensorflow")
     with pytest.raises(BundleError, match="not found"):
         load_engine(tmp_path / "missing")
+
+
+def test_fresh_export_is_the_fast_graph_and_exact(shipped_model, real_crops, tmp_path):
+    """A fresh export of the shipped RegNet: grouped convolutions 16 wide (onnxruntime's NCHWc
+    kernels take them), no batch norm, no Gather chain in the SE pooling; fp32 parity ≤ 1e-4."""
+    import onnx
+
+    from cellclf.export import export_onnx
+
+    out = export_onnx(shipped_model, out=tmp_path / "fresh.onnx")
+    graph = onnx.load(str(out)).graph
+    inits = {i.name: list(i.dims) for i in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert "BatchNormalization" not in ops and "Gather" not in ops
+    widths = set()
+    for n in graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group > 1 and inits[n.input[1]][1] > 1:
+            widths.add(inits[n.input[1]][1])  # input channels per group
+    assert widths == {16}
+    meta = onnx_card(out)
+    assert meta["onnx"]["precision"] == "fp32" and meta["onnx"]["group_block"] == 16
+    p_t = TorchEngine(shipped_model, device="cpu").classify(real_crops)
+    p_o = OnnxEngine(shipped_model, onnx_file=str(out)).classify(real_crops)
+    assert np.abs(p_t - p_o).max() <= 1e-4

@@ -1,8 +1,12 @@
-"""Benchmark the classify step: onnxruntime vs torch eager on the CPU at the same batch (cells/s,
-ratio), and on a CUDA machine torch bf16 (host→device copies included) vs that model's pure
-forward ceiling (inputs already on the GPU). Same model, same crops, side by side in one run.
+"""Benchmark the classify step. CPU rows: torch eager fp32, onnxruntime fp32 (the bundle's
+``model.onnx``, the default export) and onnxruntime int8 (``model.int8.onnx``, when the card has an
+``int8`` section), each in cells/s with its ratio to torch eager at the same batch, measured side by
+side in one run: the engines take turns pass by pass, best pass kept, so a load change on a shared
+machine hits all of them alike. On a CUDA machine also torch bf16 (host→device copies included) vs
+that model's pure forward ceiling (inputs already on the GPU).
 
     python scripts/bench/classify.py [--model models/cellclf-synth-he-v1] [--batch 256] [--n 4096]
+                                     [--threads 0] [--no-record]
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ def timed(fn, crops, repeats: int) -> float:
     return len(crops) / best
 
 
+def timed_side_by_side(fns: dict, crops, repeats: int) -> dict:
+    """cells/s of each function, best of ``repeats`` passes, the functions taking turns."""
+    for fn in fns.values():
+        fn(crops[: min(len(crops), 256)])  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(crops)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: len(crops) / t for name, t in best.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "cellclf-synth-he-v1")
@@ -35,6 +52,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=4096, help="crops per timed pass")
     ap.add_argument("--gpu-batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch and onnxruntime (0 = their defaults)")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
 
@@ -47,14 +66,21 @@ def main() -> int:
     card = load_card(a.model)
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (a.n, card.crop_px, card.crop_px, 3), dtype=np.uint8)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
     rows = []
-    te = TorchEngine(a.model, device="cpu", batch=a.batch)
-    oe = OnnxEngine(a.model, device="cpu", batch=a.batch)
-    t_cpu = timed(te.classify, crops, a.repeats)
-    o_cpu = timed(oe.classify, crops, a.repeats)
-    rows.append(("torch eager, CPU fp32", a.batch, t_cpu, 1.0))
-    rows.append(("onnxruntime, CPU fp32", a.batch, o_cpu, o_cpu / t_cpu))
+    engines = {"torch eager, CPU fp32": TorchEngine(a.model, device="cpu", batch=a.batch),
+               "onnxruntime, CPU fp32": OnnxEngine(a.model, device="cpu", batch=a.batch,
+                                                   threads=a.threads)}
+    if card.get("int8"):
+        engines["onnxruntime, CPU int8"] = OnnxEngine(a.model, device="cpu", batch=a.batch,
+                                                      precision="int8", threads=a.threads)
+    else:
+        print(f"{a.model} has no int8 model (cellclf export --int8): no int8 row")
+    rates = timed_side_by_side({k: e.classify for k, e in engines.items()}, crops, a.repeats)
+    t_cpu = rates["torch eager, CPU fp32"]
+    rows += [(name, a.batch, rate, rate / t_cpu) for name, rate in rates.items()]
     if torch.cuda.is_available():
         tg = TorchEngine(a.model, device="cuda", batch=a.gpu_batch)
         g_crops = np.concatenate([crops] * max(1, (8 * a.gpu_batch) // len(crops)))
@@ -75,11 +101,12 @@ def main() -> int:
     arch = card.architecture.get("backbone")
     print(f"{arch}, {card.crop_px}² crops, torch threads {threads}")
     for name, b, rate, ratio in rows:
-        print(f"{name:48s} batch {b:5d} {rate:10,.0f} cells/s  ratio {ratio if ratio else '-'}")
+        print(f"{name:48s} batch {b:5d} {rate:10,.0f} cells/s  ratio {f'{ratio:.2f}' if ratio else '-'}")
     if not a.no_record:
         lines = [f"Model {a.model.name} ({arch}, {card.crop_px}² uint8 crops), {a.n} random crops "
-                 f"per pass, best of {a.repeats}; torch CPU threads {threads}. Ratio: CPU rows "
-                 "vs torch eager CPU; the GPU row vs the pure-forward ceiling.\n",
+                 f"per pass, best of {a.repeats} (CPU engines taking turns); torch CPU threads {threads}. "
+                 "Ratio: CPU rows vs torch eager CPU at the same batch; the GPU row vs the "
+                 "pure-forward ceiling.\n",
                  "| backend | batch | cells/s | ratio |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {n} | {b} | {r:,.0f} | {'' if q is None else f'{q:.2f}'} |"
                   for n, b, r, q in rows]
