@@ -53,7 +53,8 @@ class SlideWorker:
         from cellclf.versions import software_versions
 
         self.job = job
-        self.engine = load_engine(job.model, backend=job.backend, device=device, batch=job.batch)
+        self.engine = load_engine(job.model, backend=job.backend, device=device, batch=job.batch,
+                                  precision=job.precision)
         self.store = _open_store(review_url, self.engine.card)
         self.versions = software_versions()
         self.where = f"{socket.gethostname()} pid {os.getpid()} {self.engine.backend} on {device}"

@@ -85,6 +85,7 @@ class SlideJob:
     mpp: float | None = None
     hpf_area_mm2: float = 0.237
     batch: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass
@@ -111,7 +112,8 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
     params = RunParams(workers=job.workers, mpp_override=job.mpp,
                        batch=job.batch or getattr(engine, "batch", 512))
     run_params = params.to_dict() | {"backend": engine.backend, "device": job.device,
-                                     "model": job.model, "hpf_area_mm2": job.hpf_area_mm2}
+                                     "precision": job.precision, "model": job.model,
+                                     "hpf_area_mm2": job.hpf_area_mm2}
 
     def add_review(items: list) -> None:
         store.add_items(items)
@@ -136,7 +138,8 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
               device: str = "auto", workers: int = 0, overwrite: bool = False,
               review_db: str | None = None, mpp: float | None = None,
               hpf_area_mm2: float = 0.237, batch: int | None = None,
-              console: Any = None, ray_address: str | None = None, gpus: int = 0) -> BatchReport:
+              console: Any = None, ray_address: str | None = None, gpus: int = 0,
+              precision: str = "fp32") -> BatchReport:
     """Run every slide; ``ray_address`` (auto | local | host:port | ray://host:port) or ``gpus`` > 0
     shards the slides over Ray workers (see :mod:`cellclf.distributed`), else one local loop."""
     from rich.console import Console
@@ -159,7 +162,7 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     review_url = review_db or f"sqlite:///{out_dir.resolve() / 'review.sqlite'}"
     job = SlideJob(out_dir=out_dir.resolve() if distributed else out_dir, model=str(model),
                    backend=backend, device=device, workers=workers, mpp=mpp,
-                   hpf_area_mm2=hpf_area_mm2, batch=batch)
+                   hpf_area_mm2=hpf_area_mm2, batch=batch, precision=precision)
     if distributed:  # the workers load the engine; the driver only checks the model and store
         from cellclf.engine import read_card
 
@@ -169,7 +172,8 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     else:
         from cellclf.engine import load_engine
 
-        engine = load_engine(model, backend=backend, device=device, batch=batch)
+        engine = load_engine(model, backend=backend, device=device, batch=batch,
+                             precision=precision)
         store = _open_store(review_url, engine.card)
     manifest = Manifest(out_dir / "manifest.csv")
     report = BatchReport(out_dir=out_dir)

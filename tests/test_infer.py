@@ -153,3 +153,17 @@ def test_kill_and_resume_gives_the_same_results(tiny_slide, tiny_svs, shipped_mo
     assert len({(r[0], r[1]) for r in rows}) == len(rows)
     manifest = (run / "manifest.csv").read_text()
     assert manifest.count(",done,") == 2 and not list(run.glob(".tmp-*"))
+
+
+def test_infer_int8_uses_the_int8_gate(tiny_slide, shipped_model, tmp_path):
+    """`cellclf infer --precision int8`: the shipped model.int8.onnx, gated by its own thresholds."""
+    card = json.loads((shipped_model / "card.json").read_text())
+    if "int8" not in card:
+        pytest.skip("the shipped bundle has no model.int8.onnx (cellclf export --int8)")
+    report = run_batch([str(tiny_slide[0])], shipped_model, tmp_path / "out", backend="onnx",
+                       precision="int8")
+    assert report.exit_code == 0
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert summary["parameters"]["precision"] == "int8"
+    assert summary["model_card"]["gate"]["thresholds"] == card["int8"]["gate"]["thresholds"]
+    assert summary["n_cells"] > 100

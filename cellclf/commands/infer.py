@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         mpp: float = typer.Option(None, help="µm per pixel for slides whose metadata lacks it."),
         hpf_area: float = typer.Option(0.237, "--hpf-area", help="HPF area in mm² for peak counts."),
         batch: int = typer.Option(None, help="Crops per classification batch."),
+        precision: str = typer.Option("fp32", help="fp32, or int8: the bundle's model.int8.onnx "
+                                                    "with its own gate (onnxruntime; fastest on "
+                                                    "1-2 CPU threads; see cellclf export --int8)."),
         ray: str = typer.Option(None, "--ray",
                                 help="Shard slides over a Ray cluster: auto (the cluster started "
                                      "here), local (a private one), or host:port / ray://host:port."),
@@ -38,7 +41,8 @@ def register(app: typer.Typer) -> None:
 
         report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
-                           hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus)
+                           hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus,
+                           precision=precision)
         typer.echo(f"{report.done} done, {report.skipped} skipped (already done), "
                    f"{report.failed} failed — manifest: {out / 'manifest.csv'}")
         raise typer.Exit(report.exit_code)
