@@ -85,7 +85,14 @@ def test_bad_items_are_refused_with_the_cell_named(url):
     bad.crop_png = b"GIF89a..."
     with pytest.raises(ReviewStoreError, match="crop_png is not a PNG"):
         st.add_items([bad])
+    bad = item(7)
+    bad.context_png = b"GIF89a..."
+    with pytest.raises(ReviewStoreError, match="neither empty nor a PNG/JPEG"):
+        st.add_items([bad])
     assert st.progress()["total"] == 0
+    ok = item(8)
+    ok.context_png = b"\xff\xd8\xff\xe0" + b"\0" * 20  # a JPEG context view is accepted
+    assert st.add_items([ok]) == 1
 
 
 def test_claim_order_filters_and_exclusive_holds(url):

@@ -27,11 +27,19 @@ def png(rgb: tuple[int, int, int], size: int) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(rgb: tuple[int, int, int], size: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def item(i: int, slide: str) -> ReviewItem:
     return ReviewItem(slide, i, 100.0 + i, 200.0, "eosinophil",
                       {"eosinophil": 0.5, "neutrophil": 0.3, "mast_cell": 0.1, "other": 0.1},
                       ["eosinophil", "neutrophil"], "low_confidence", float(i),
-                      png((200, 80, 80), 16), png((230, 200, 210), 64))
+                      png((200, 80, 80), 16), jpeg((230, 200, 210), 64))
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +172,8 @@ def test_label_round_trip_undo_and_images(server):
     crop = c.get(it["crop_url"])
     assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
     assert crop.content[:8] == b"\x89PNG\r\n\x1a\n"
+    context = c.get(it["context_url"])  # batch inference stores context views as JPEG
+    assert context.status_code == 200 and context.headers["content-type"] == "image/jpeg"
     assert c.get("/api/items/99999/crop.png").status_code == 404
     assert c.get(f"/api/items/{it['id']}/other.png").status_code == 404
     before = first["progress"]["slide"]["done"]

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from cellclf.review import auth
 from cellclf.review.stats import agreement, reviewer_stats
 from cellclf.review.store import Item, LeaseError, ReviewStore, ReviewStoreError, open_store
+from cellclf.review.types import image_media_type
 
 HERE = Path(__file__).parent
 COOKIE = "cellclf_session"
@@ -244,7 +245,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         data = st.image(item_id, kind)
         if data is None:
             raise HTTPException(404, "no such item")
-        return Response(data, media_type="image/png",
+        return Response(data, media_type=image_media_type(data) or "application/octet-stream",
                         headers={"Cache-Control": "private, max-age=3600"})
 
     return app

@@ -38,6 +38,7 @@ from cellclf.review.types import (
     LeaseError,
     ReviewItem,
     consensus,
+    image_media_type,
 )
 
 __all__ = ["CANT_TELL", "DEFAULT_CLASSES", "REASONS", "FinalLabel", "Item", "LeaseError",
@@ -146,8 +147,8 @@ class ReviewStore(StoreQueries):
                                    "conformal_set")
         if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
             raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
-        if it.context_png and bytes(it.context_png[:8]) != PNG_SIGNATURE:
-            raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG image")
+        if it.context_png and image_media_type(it.context_png) is None:
+            raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG/JPEG image")
 
     def add_items(self, items: Iterable[ReviewItem], batch: int = 1000) -> int:
         """Queue cells; one transaction per ``batch``; already queued cells are skipped.

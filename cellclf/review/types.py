@@ -15,6 +15,17 @@ DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "ot
 CANT_TELL = "cant_tell"
 REASONS = ("low_confidence", "uncertified_class", "ood_slide")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def image_media_type(data: bytes) -> str | None:
+    """``image/png`` or ``image/jpeg`` by the file signature; None for anything else."""
+    head = bytes(data[:8])
+    if head == PNG_SIGNATURE:
+        return "image/png"
+    if head[:3] == JPEG_SIGNATURE:
+        return "image/jpeg"
+    return None
 
 
 class LeaseError(ReviewStoreError):
@@ -25,8 +36,10 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre); ``crop_png``
-    is the model's input crop. ``(slide_id, cell_id)`` identifies the cell; adding it again is a
+    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
+    (batch inference stores JPEG: a 160² context as PNG weighs ~40 KB, as JPEG q90 ~8 KB, and the
+    slide's own tiles are JPEG already); ``crop_png`` is the model's input crop, lossless PNG.
+    ``(slide_id, cell_id)`` identifies the cell; adding it again is a
     no-op. Higher ``priority`` = more doubtful = served first.
     """
 
