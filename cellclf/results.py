@@ -159,10 +159,15 @@ def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(out_dir) / f".tmp-{result.slide_id}-{os.getpid()}"
     tmp.mkdir(parents=True)
-    summary = build_summary(result, card, params, versions, hpf_area_mm2)
-    write_cells_parquet(tmp / "cells.parquet", result)
-    write_cells_geojson(tmp / "cells.geojson", result)
-    write_overlay(tmp / "overlay.png", result, summary)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="cellclf-write") as pool:  # pyarrow, zlib and
+        jobs = [pool.submit(write_cells_parquet, tmp / "cells.parquet", result),  # numpy work
+                pool.submit(write_cells_geojson, tmp / "cells.geojson", result)]  # overlaps
+        summary = build_summary(result, card, params, versions, hpf_area_mm2)
+        write_overlay(tmp / "overlay.png", result, summary)
+        for job in jobs:
+            job.result()
     atomic_write_json(tmp / "summary.json", summary)
     write_report(tmp)
     if final.exists():

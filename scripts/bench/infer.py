@@ -66,7 +66,7 @@ def main() -> int:
         size_mb = sum(f.stat().st_size for f in (out / s.stem).iterdir()) / 1e6
         rows.append((s.stem, total, queued, secs, size_mb,
                      {k: round(v, 2) for k, v in summary["timings_s"].items()}))
-    store_mb = (out / "review.sqlite").stat().st_size / 1e6
+    store_mb = sum(f.stat().st_size for f in out.glob("review.sqlite*")) / 1e6
     print(f"{len(slides)} slide(s) in {wall:.1f} s (exit code {report.exit_code}); review store "
           f"{store_mb:.0f} MB")
     for name, total, queued, secs, size_mb, timings in rows:
