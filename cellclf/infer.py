@@ -86,6 +86,7 @@ class SlideJob:
     hpf_area_mm2: float = 0.237
     batch: int | None = None
     precision: str = "fp32"
+    device_decode: str = "auto"  # auto | on | off: JPEG decoding on the GPU (device stage)
 
 
 @dataclass
@@ -110,7 +111,8 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
 
     card = engine.card
     params = RunParams(workers=job.workers, mpp_override=job.mpp,
-                       batch=job.batch or getattr(engine, "batch", 512))
+                       batch=job.batch or getattr(engine, "batch", 512),
+                       device_decode=job.device_decode)
     run_params = params.to_dict() | {"backend": engine.backend, "device": job.device,
                                      "precision": job.precision, "model": job.model,
                                      "hpf_area_mm2": job.hpf_area_mm2}
@@ -139,7 +141,7 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
               review_db: str | None = None, mpp: float | None = None,
               hpf_area_mm2: float = 0.237, batch: int | None = None,
               console: Any = None, ray_address: str | None = None, gpus: int = 0,
-              precision: str = "fp32") -> BatchReport:
+              precision: str = "fp32", device_decode: str = "auto") -> BatchReport:
     """Run every slide; ``ray_address`` (auto | local | host:port | ray://host:port) or ``gpus`` > 0
     shards the slides over Ray workers (see :mod:`cellclf.distributed`), else one local loop."""
     from rich.console import Console
@@ -153,6 +155,8 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     )
 
     console = console or Console(stderr=True)
+    if device_decode not in ("auto", "on", "off"):
+        raise CellclfError(f"--gpu-decode must be auto, on or off, got {device_decode!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_slides(slides)
@@ -162,7 +166,8 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     review_url = review_db or f"sqlite:///{out_dir.resolve() / 'review.sqlite'}"
     job = SlideJob(out_dir=out_dir.resolve() if distributed else out_dir, model=str(model),
                    backend=backend, device=device, workers=workers, mpp=mpp,
-                   hpf_area_mm2=hpf_area_mm2, batch=batch, precision=precision)
+                   hpf_area_mm2=hpf_area_mm2, batch=batch, precision=precision,
+                   device_decode=device_decode)
     if distributed:  # the workers load the engine; the driver only checks the model and store
         from cellclf.engine import read_card
 

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.01, help="gate: error bound per class")
     ap.add_argument("--beta", type=float, default=0.01,
                     help="gate: miss bound per target class (share auto-accepted as other); 0 = off")
+    ap.add_argument("--no-int8", action="store_true",
+                    help="skip model.int8.onnx (int8 export with its own gate, on the cal slides)")
     ap.add_argument("--tiny", action="store_true",
                     help="a quick CPU check: 2+1 small slides, 1 epoch, train-tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
@@ -141,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("card.json", card.weights_file):
         shutil.copyfile(run_dir / f, a.out / f)
     export_onnx(a.out)  # the ONNX metadata carries the final card; card.json gets its sha256
+    if not a.no_int8:
+        from cellclf.quantize import export_int8
+
+        export_int8(a.out, data=cal_dir, quant_data=train_dir, workers=a.workers,
+                    progress=not a.tiny)
     report = (a.work / "eval-out" / "report.md").read_text()
     (a.out / "EVALUATION.md").write_text(report.rstrip("\n") + "\n\n"
                                          + gate_report_md(metrics, card.gate or {}))

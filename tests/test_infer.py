@@ -167,3 +167,11 @@ def test_infer_int8_uses_the_int8_gate(tiny_slide, shipped_model, tmp_path):
     assert summary["parameters"]["precision"] == "int8"
     assert summary["model_card"]["gate"]["thresholds"] == card["int8"]["gate"]["thresholds"]
     assert summary["n_cells"] > 100
+
+
+def test_bad_gpu_decode_value_is_refused_before_any_slide(tiny_slide, shipped_model, tmp_path):
+    from cellclf.errors import CellclfError
+
+    with pytest.raises(CellclfError, match="gpu-decode"):
+        run_batch([str(tiny_slide[0])], shipped_model, tmp_path / "o", device_decode="yes")
+    assert not (tmp_path / "o" / "manifest.csv").exists()

@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help="fp32, or int8: the bundle's model.int8.onnx "
                                                     "with its own gate (onnxruntime; fastest on "
                                                     "1-2 CPU threads; see cellclf export --int8)."),
+        gpu_decode: str = typer.Option("auto", "--gpu-decode",
+                                       help="Decode JPEG tiles on the GPU (nvJPEG) with the torch "
+                                            "backend on CUDA: auto | on | off. nvJPEG's pixels "
+                                            "differ from libjpeg-turbo's by a few grey levels: "
+                                            "use off to match calibration decoded on the CPU."),
         ray: str = typer.Option(None, "--ray",
                                 help="Shard slides over a Ray cluster: auto (the cluster started "
                                      "here), local (a private one), or host:port / ray://host:port."),
@@ -42,7 +47,7 @@ def register(app: typer.Typer) -> None:
         report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
                            hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus,
-                           precision=precision)
+                           precision=precision, device_decode=gpu_decode)
         typer.echo(f"{report.done} done, {report.skipped} skipped (already done), "
                    f"{report.failed} failed — manifest: {out / 'manifest.csv'}")
         raise typer.Exit(report.exit_code)

@@ -178,10 +178,18 @@ def _mapper(n_workers: int, initargs: tuple):
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ctx.Pool(n_workers, initializer=_init_worker, initargs=initargs)
+    finished = False
     try:
         yield lambda fn, items: pool.imap(fn, items, chunksize=1)
+        finished = True
     finally:
-        pool.terminate()
+        # close() lets the workers leave on their own; terminate() (errors only) can race the
+        # pool's worker handler, which may start a fresh worker that then waits forever on a
+        # queue lock held by a killed one (seen: a hung test run)
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
         pool.join()
 
 
