@@ -158,7 +158,9 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         thumb, ds = _overlay_thumbnail(reader, small, small_ds, 1600)
         tissue_mm2 = tissue.area_mm2(mpp)
         # the halo holds a whole cell for detection and a whole crop for every owned cell
-        halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp))
+        halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp),
+                      # with a review queue, whole context views (no white strip at tile edges)
+                      crop_halo_um(REVIEW_CONTEXT_PX, work_mpp) if on_review is not None else 0.0)
         tiles = tile_grid(width, height, mpp, work_mpp, params.tile_um, halo_um, tissue,
                           params.min_tissue_fraction)
         timings["open_tissue_tiling"] = time.perf_counter() - t0
@@ -168,7 +170,9 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
         t1 = time.perf_counter()
         if card.get("ood"):
-            sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(tiles, params.ood_sample_tiles))]
+            # the same windows as calibration.slide_ood_stats (cores without halo)
+            cores = tile_grid(width, height, mpp, work_mpp, params.tile_um, 0.0, tissue)
+            sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(cores, params.ood_sample_tiles))]
             stats = slide_stats(sample, work_mpp, workers=reader.workers)
             flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
             ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
