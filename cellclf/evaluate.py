@@ -201,9 +201,11 @@ def table_metrics(table: CellTable, other_class: str, truth_counts: dict[str, di
 def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None,
              match_um: float = 4.0, workers: int = 0, progress: bool = True,
              unknown_class: str = "other", class_map: dict[str, str] | None = None,
-             coords: str = "px", backend: str = "auto") -> tuple[CellTable, dict[str, Any]]:
+             coords: str = "px", backend: str = "auto",
+             precision: str = "fp32") -> tuple[CellTable, dict[str, Any]]:
     """Evaluate a bundle on slides with truth → (cell table, metrics); writes OUT if given:
-    ``metrics.json``, ``confusion.png``, ``report.md``, ``cells.parquet``."""
+    ``metrics.json``, ``confusion.png``, ``report.md``, ``cells.parquet``. ``precision="int8"``
+    evaluates ``model.int8.onnx`` with its own temperature, gate and conformal sets."""
     from cellclf.annotations import ClassMap, discover, load_points
     from cellclf.calibration import gate_metrics
     from cellclf.card import load_card
@@ -218,7 +220,10 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
     if source.kind == "crops":
         raise AnnotationError(f"{data}: evaluation needs slides with truth (not a crop folder)")
     card = load_card(bundle)
-    engine = load_engine(bundle, backend=backend)
+    engine = load_engine(bundle, backend=backend, precision=precision)
+    if precision != "fp32":  # that model's own calibration, never the fp32 one
+        card = card.replace(temperature=float(engine.card["temperature"]), gate=engine.card["gate"],
+                            extra={**card.extra, "conformal": engine.card.get("conformal")})
     classes = tuple(card.classes)
     cmap = ClassMap(classes, card.other_class, dict(class_map or {}), unknown_class)
     other = classes.index(card.other_class)

@@ -126,3 +126,26 @@ def test_evaluate_writes_all_outputs(tmp_path: Path, bundle: Path) -> None:
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "macro-F1" in report and "| mast_cell |" in report
+
+
+def test_evaluate_int8_uses_the_int8_calibration(tmp_path: Path, shipped_model, tiny_svs) -> None:
+    """`cellclf evaluate --precision int8`: the int8 graph's logits, gated with its own temperature
+    and thresholds (never the fp32 ones)."""
+    from cellclf.evaluate import evaluate
+
+    card = json.loads((shipped_model / "card.json").read_text())
+    if "int8" not in card:
+        pytest.skip("the shipped bundle has no model.int8.onnx (cellclf export --int8)")
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_svs:
+        (data / f.name).symlink_to(f)
+    _, m8 = evaluate(shipped_model, data, tmp_path / "e8", progress=False, precision="int8")
+    _, m32 = evaluate(shipped_model, data, tmp_path / "e32", progress=False, backend="onnx")
+    assert m8["temperature"] == card["int8"]["temperature"] != m32["temperature"]
+    def thresholds(m: dict) -> dict:
+        return {c: v["threshold"] for c, v in m["gate"]["per_class"].items()}
+
+    assert thresholds(m8) == card["int8"]["gate"]["thresholds"]
+    assert thresholds(m32) == card["gate"]["thresholds"] != thresholds(m8)
+    assert m8["macro_f1"] is not None and abs(m8["macro_f1"] - m32["macro_f1"]) < 0.1

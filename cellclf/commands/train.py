@@ -58,13 +58,15 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show progress bars."),
         coords_um: bool = typer.Option(False, "--um",
                                        help="CSV truth coordinates are in µm, not level-0 pixels."),
+        precision: str = typer.Option("fp32", help="fp32, or int8: the bundle's model.int8.onnx "
+                                                    "with its own gate."),
     ) -> None:
         """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
         from cellclf.evaluate import evaluate as run
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
-                         coords="um" if coords_um else "px")
+                         coords="um" if coords_um else "px", precision=precision)
         f1 = metrics["macro_f1"]
         typer.echo(f"macro-F1 {f1:.3f}" if f1 is not None else "macro-F1 n/a")
         typer.echo(f"wrote {out / 'metrics.json'}, confusion.png, report.md, cells.parquet")
