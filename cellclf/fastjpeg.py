@@ -55,6 +55,19 @@ class JpegLevel:
     def tiles_across(self) -> int:
         return -(-self.width // self.tile_w)
 
+    def spans(self, x: int, y: int, w: int, h: int):
+        """The tiles meeting the level-px rectangle (x, y, w, h), clipped to the level: yields
+        ``(index, ox, oy, ax0, ay0, ax1, ay1)`` with the tile's origin and the intersection."""
+        cx0, cy0 = max(x, 0), max(y, 0)
+        cx1, cy1 = min(x + w, self.width), min(y + h, self.height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return
+        for ty in range(cy0 // self.tile_h, (cy1 - 1) // self.tile_h + 1):
+            for tx in range(cx0 // self.tile_w, (cx1 - 1) // self.tile_w + 1):
+                ox, oy = tx * self.tile_w, ty * self.tile_h
+                yield (ty * self.tiles_across + tx, ox, oy, max(cx0, ox), max(cy0, oy),
+                       min(cx1, ox + self.tile_w), min(cy1, oy + self.tile_h))
+
 
 def _page_ok(page) -> bool:
     return bool(page.is_tiled and int(page.compression) == _JPEG and page.samplesperpixel == 3
@@ -166,50 +179,47 @@ class JpegTileSource:
                     self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def decode_tile(self, level: int, index: int) -> np.ndarray | None:
-        """Decoded tile ``index`` (row-major) of ``level``, or None for a missing tile."""
-        import imagecodecs
-
+    def raw_tile(self, level: int, index: int) -> bytes | None:
+        """Tile ``index`` (row-major) of ``level`` as stored (None for a missing tile)."""
         lv = self.levels[level]
         count = int(lv.counts[index])
         if count == 0:
             return None
         offset = int(lv.offsets[index])
         data = os.pread(self._fileno(), count, offset)
+        if len(data) != count:
+            raise SlideOpenError(f"{self.path}: cannot read JPEG tile {index} of level {level} at "
+                                 f"byte {offset}: short read ({len(data)} of {count} bytes), "
+                                 "truncated file")
+        return data
+
+    def decode_tile(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile ``index`` (row-major) of ``level``, or None for a missing tile."""
+        import imagecodecs
+
+        data = self.raw_tile(level, index)
+        if data is None:
+            return None
+        lv = self.levels[level]
         try:
-            if len(data) != count:
-                raise ValueError(f"short read: {len(data)} of {count} bytes")
             return imagecodecs.jpeg8_decode(data, tables=lv.tables, colorspace=lv.colorspace,
                                             outcolorspace="RGB")
         except Exception as exc:
             raise SlideOpenError(f"{self.path}: cannot decode JPEG tile {index} of level {level} "
-                                 f"at byte {offset}: truncated or corrupt ({exc})") from exc
+                                 f"at byte {int(lv.offsets[index])}: truncated or corrupt "
+                                 f"({exc})") from exc
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Level-px rectangle (x, y, w, h) as RGB uint8 (h, w, 3); white outside the level."""
         lv = self.levels[level]
         out = np.full((h, w, 3), 255, np.uint8)
-        cx0, cy0 = max(x, 0), max(y, 0)
-        cx1, cy1 = min(x + w, lv.width), min(y + h, lv.height)
-        if cx1 <= cx0 or cy1 <= cy0:
-            return out
-        for ty in range(cy0 // lv.tile_h, (cy1 - 1) // lv.tile_h + 1):
-            for tx in range(cx0 // lv.tile_w, (cx1 - 1) // lv.tile_w + 1):
-                index = ty * lv.tiles_across + tx
-                if self.cache is None:
-                    tile = self.decode_tile(level, index)
-                else:
-                    tile = self.cache.get((level, index),
-                                          lambda i=index: self.decode_tile(level, i))
-                if tile is None:
-                    continue
-                # intersection of this tile (clipped to the level) with the request, level px
-                ax0, ay0 = max(cx0, tx * lv.tile_w), max(cy0, ty * lv.tile_h)
-                ax1 = min(cx1, (tx + 1) * lv.tile_w)
-                ay1 = min(cy1, (ty + 1) * lv.tile_h)
-                oy, ox = ty * lv.tile_h, tx * lv.tile_w  # tile origin, level px
-                part = tile[ay0 - oy:ay1 - oy, ax0 - ox:ax1 - ox, :3]
-                out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = part
+        for index, ox, oy, ax0, ay0, ax1, ay1 in lv.spans(x, y, w, h):
+            if self.cache is None:
+                tile = self.decode_tile(level, index)
+            else:
+                tile = self.cache.get((level, index), lambda i=index: self.decode_tile(level, i))
+            if tile is not None:
+                out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = tile[ay0 - oy:ay1 - oy, ax0 - ox:ax1 - ox, :3]
         return out
 
     def close(self) -> None:

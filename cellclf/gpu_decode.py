@@ -18,7 +18,6 @@ nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few grey le
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,15 +77,17 @@ class DeviceTileReader:
     """Reads batches of tile windows of one slide onto ``device`` (see module doc)."""
 
     def __init__(self, reader, device: str | torch.device, io_workers: int = 8) -> None:
+        from cellclf.fastjpeg import JpegTileSource
+
         self.reader = reader
         self.device = torch.device(device)
         self.levels = reader.fast_levels
-        self._fd = os.open(reader.path, os.O_RDONLY)
+        self._source = JpegTileSource(reader.path, self.levels)  # its own file handle
         self._pool = ThreadPoolExecutor(max(1, io_workers), thread_name_prefix="cellclf-pread")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        os.close(self._fd)
+        self._source.close()
 
     def __enter__(self) -> DeviceTileReader:
         return self
@@ -95,32 +96,19 @@ class DeviceTileReader:
         self.close()
 
     def _bytes(self, level: int, index: int) -> torch.Tensor | None:
-        lv = self.levels[level]
-        count = int(lv.counts[index])
-        if count == 0:
+        data = self._source.raw_tile(level, index)
+        if data is None:
             return None
-        data = os.pread(self._fd, count, int(lv.offsets[index]))
-        if len(data) != count:
-            from cellclf.errors import SlideOpenError
-
-            raise SlideOpenError(f"{self.reader.path}: short read of JPEG tile {index} of level "
-                                 f"{level} ({len(data)} of {count} bytes): truncated file")
-        if lv.tables:  # abbreviated stream: the tables' SOI…(no EOI) + the tile's data after SOI
-            data = lv.tables[:-2] + data[2:]
+        tables = self.levels[level].tables
+        if tables:  # abbreviated stream: the tables' SOI…(no EOI) + the tile's data after SOI
+            data = tables[:-2] + data[2:]
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def fetch(self, tiles: Sequence[Tile]) -> tuple[list[ReadPlan], list[tuple[int, int]], list]:
         """Host part (threads): plans, the JPEG tiles they need and those tiles' bytes."""
         plans = [_plan(self.reader, t) for t in tiles]
-        needed: dict[tuple[int, int], None] = {}
-        for p in plans:
-            lv = self.levels[p.level]
-            cx0, cy0 = max(p.x, 0), max(p.y, 0)
-            cx1, cy1 = min(p.x + p.w, lv.width), min(p.y + p.h, lv.height)
-            for ty in range(cy0 // lv.tile_h, (cy1 - 1) // lv.tile_h + 1 if cy1 > cy0 else 0):
-                for tx in range(cx0 // lv.tile_w, (cx1 - 1) // lv.tile_w + 1 if cx1 > cx0 else 0):
-                    needed[(p.level, ty * lv.tiles_across + tx)] = None
-        keys = list(needed)
+        keys = list(dict.fromkeys((p.level, span[0]) for p in plans
+                                  for span in self.levels[p.level].spans(p.x, p.y, p.w, p.h)))
         data = list(self._pool.map(lambda k: self._bytes(*k), keys))
         return plans, keys, data
 
@@ -139,18 +127,11 @@ class DeviceTileReader:
         p0 = plans[0]
         canvas = torch.full((len(plans), p0.h, p0.w, 3), 255, dtype=torch.uint8, device=self.device)
         for b, p in enumerate(plans):
-            lv = self.levels[p.level]
-            for (level, index), img in tiles.items():
-                if level != p.level:
-                    continue
-                ox, oy = (index % lv.tiles_across) * lv.tile_w, (index // lv.tiles_across) * lv.tile_h
-                ax0, ay0 = max(p.x, ox, 0), max(p.y, oy, 0)
-                ax1 = min(p.x + p.w, ox + lv.tile_w, lv.width)
-                ay1 = min(p.y + p.h, oy + lv.tile_h, lv.height)
-                if ax1 <= ax0 or ay1 <= ay0:
-                    continue
-                part = img[:3, ay0 - oy:ay1 - oy, ax0 - ox:ax1 - ox].permute(1, 2, 0)
-                canvas[b, ay0 - p.y:ay1 - p.y, ax0 - p.x:ax1 - p.x] = part
+            for index, ox, oy, ax0, ay0, ax1, ay1 in self.levels[p.level].spans(p.x, p.y, p.w, p.h):
+                img = tiles.get((p.level, index))
+                if img is not None:  # a missing tile stays white
+                    part = img[:3, ay0 - oy:ay1 - oy, ax0 - ox:ax1 - ox].permute(1, 2, 0)
+                    canvas[b, ay0 - p.y:ay1 - p.y, ax0 - p.x:ax1 - p.x] = part
         if p0.box is None:
             return canvas
         return reduce_half(canvas, int(p0.box[0]), int(p0.box[1]), p0.out_w, p0.out_h)

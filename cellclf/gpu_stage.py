@@ -86,15 +86,16 @@ class DeviceStage:
             x = (host.pin_memory() if cuda else host).to(self.device, non_blocking=cuda)
             return [t for t, _ in batch], x
 
-        return self._pipeline(upload(b) for b in _batches(tiles, self.tiles_per_batch,
-                                                           lambda item: item[1].shape))
+        batches = consecutive_batches(tiles, self.tiles_per_batch, lambda item: item[1].shape)
+        return self._pipeline(upload(b) for b in batches)
 
     def run_decoding(self, tiles: list, reader) -> Iterator[StageOutput]:
         """Tiles decoded on the device by a :class:`~cellclf.gpu_decode.DeviceTileReader`; the
         host reads the next batch's JPEG bytes while the device decodes this one."""
         from cellclf.gpu_decode import plan_key
 
-        batches = list(_batches(tiles, self.tiles_per_batch, lambda t: plan_key(reader.reader, t)))
+        batches = list(consecutive_batches(tiles, self.tiles_per_batch,
+                                           lambda t: plan_key(reader.reader, t)))
 
         def windows() -> Iterator[tuple[list, torch.Tensor]]:
             with ThreadPoolExecutor(1, thread_name_prefix="cellclf-fetch") as fetcher:
@@ -190,7 +191,7 @@ def _merge(maps: np.ndarray, rc: np.ndarray, f: int, mpp: float, params: DetectP
     return c[keep], xy0[keep]
 
 
-def _batches(items: Iterable, n: int, key) -> Iterator[list]:
+def consecutive_batches(items: Iterable, n: int, key) -> Iterator[list]:
     """Consecutive runs of at most ``n`` items with one ``key`` (a key change starts a new batch)."""
     batch: list = []
     for item in items:

@@ -53,12 +53,12 @@ def _device_decode_floor(reader, tiles: list, engine, per_batch: int) -> float |
     import torch
 
     from cellclf.gpu_decode import DeviceTileReader, device_readable, plan_key
-    from cellclf.gpu_stage import _batches
+    from cellclf.gpu_stage import consecutive_batches
 
     if not device_readable(reader, tiles):
         return None
     with DeviceTileReader(reader, engine.device, io_workers=reader.workers) as dr:
-        batches = list(_batches(tiles, per_batch, lambda t: plan_key(reader, t)))
+        batches = list(consecutive_batches(tiles, per_batch, lambda t: plan_key(reader, t)))
         dr.read_batch(batches[0])  # warm-up (nvJPEG handles)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
