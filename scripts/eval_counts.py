@@ -35,7 +35,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from cellclf.card import load_card
-    from cellclf.evaluate import evaluate
+    from cellclf.evaluation.evaluate import evaluate
 
     card = load_card(a.model)
     if not card.gate:

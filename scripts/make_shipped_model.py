@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from cellclf.card import SYNTHETIC_NOTICE, load_card, save_card
-    from cellclf.config import load_config
-    from cellclf.evaluate import evaluate
-    from cellclf.train import fit
+    from cellclf.evaluation.evaluate import evaluate
+    from cellclf.model.config import load_config
+    from cellclf.model.training import fit
 
     if a.tiny:
         a.train_slides, a.eval_slides, a.cal_slides, a.size_um, a.epochs = 2, 1, 1, 384.0, 1
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir)
         fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=SYNTHETIC_NOTICE,
             weights_dtype="float16")
-    from cellclf.calibration import calibrate_bundle, gate_report_md
-    from cellclf.export import export_onnx
+    from cellclf.calibration.bundle_gate import calibrate_bundle
+    from cellclf.evaluation.gate_metrics import gate_report_md
+    from cellclf.model.onnx_export import export_onnx
 
     if not (run_dir / "model.onnx").is_file():
         export_onnx(run_dir)  # calibrate_bundle re-exports it with the fitted temperature
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(run_dir / f, a.out / f)
     export_onnx(a.out)  # the ONNX metadata carries the final card; card.json gets its sha256
     if not a.no_int8:
-        from cellclf.quantize import export_int8
+        from cellclf.calibration.int8 import export_int8
 
         export_int8(a.out, data=cal_dir, quant_data=train_dir, workers=a.workers,
                     progress=not a.tiny)

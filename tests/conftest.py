@@ -84,8 +84,8 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from cellclf.card import Card
-    from cellclf.export import export_onnx
-    from cellclf.model import build_model, save_bundle
+    from cellclf.model.network import build_model, save_bundle
+    from cellclf.model.onnx_export import export_onnx
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "random-v0"

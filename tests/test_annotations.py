@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellclf.annotations import (
+from cellclf.annotations.crop_folder import fit_crop, read_crop_folder
+from cellclf.annotations.labelled_data import (
     ClassMap,
     SlideEntry,
     discover,
@@ -19,7 +20,6 @@ from cellclf.annotations import (
     read_geojson_points,
     read_manifest,
 )
-from cellclf.cropfolder import fit_crop, read_crop_folder
 from cellclf.errors import AnnotationError
 
 CLASSES = ("eosinophil", "neutrophil", "mast_cell", "other")

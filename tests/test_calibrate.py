@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellclf.calibrate import (
+from cellclf.errors import CellclfError
+from cellclf.gate.temperature import (
     CalibrationError,
     calibration_report,
     ece,
@@ -16,7 +17,6 @@ from cellclf.calibrate import (
     softmax,
     temperature_objective,
 )
-from cellclf.errors import CellclfError
 
 # Six two-class cells, 5 bins (0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1]:
 #   conf .55 wrong, .58 right   -> bin 2: mean conf .565, acc .5, gap .065
@@ -129,7 +129,7 @@ def test_risk_coverage_hand_computed() -> None:
 def test_plots_write_pngs(tmp_path) -> None:
     from PIL import Image
 
-    from cellclf.plots import plot_reliability, plot_risk_coverage
+    from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
 
     rng = np.random.default_rng(3)
     z = rng.normal(0, 4, size=(2000, 4))

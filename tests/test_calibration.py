@@ -28,7 +28,7 @@ def bundle(random_bundle, tmp_path) -> Path:
 
 
 def test_calibrate_writes_gate_and_reexports(bundle, cal_data):
-    from cellclf.engine import OnnxEngine, onnx_card
+    from cellclf.model.engine import OnnxEngine, onnx_card
 
     result = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", str(cal_data)])
     assert result.exit_code == 0, result.output
@@ -75,14 +75,14 @@ def test_calibrate_refuses_training_slides(bundle, cal_data):
     card = json.loads((bundle / "card.json").read_text())
     card["training"] = {"slides": {"train": ["tiny_svs"], "val": []}}
     (bundle / "card.json").write_text(json.dumps(card))
-    from cellclf.calibration import calibrate_bundle
+    from cellclf.calibration.bundle_gate import calibrate_bundle
 
     with pytest.raises(CellclfError, match="used in training"):
         calibrate_bundle(bundle, cal_data, progress=False)
 
 
 def test_evaluate_reports_gate_and_calibration(random_bundle, cal_data, tmp_path):
-    from cellclf.evaluate import evaluate
+    from cellclf.evaluation.evaluate import evaluate
 
     _, metrics = evaluate(random_bundle, cal_data, tmp_path / "ev", progress=False)
     for key in ("ece_before", "ece_after", "gate", "no_gate", "macro_f1"):

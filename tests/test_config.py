@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cellclf.config import Config, config_from_dict, load_config, parse_override
 from cellclf.errors import ConfigError
+from cellclf.model.config import Config, config_from_dict, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cellclf.calibrate import CalibrationError, softmax
-from cellclf.conformal import APSParams, aps_scores, aps_sets, fit_aps, set_labels
+from cellclf.gate.conformal import APSParams, aps_scores, aps_sets, fit_aps, set_labels
+from cellclf.gate.temperature import CalibrationError, softmax
 
 
 def test_aps_scores_hand_computed() -> None:

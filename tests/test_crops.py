@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellclf.crops import crop_corners, crop_halo_um, cut_crops, extract_crops
 from cellclf.errors import ConfigError
-from cellclf.fastjpeg import array_tile_fn, write_pyramid_tiff
-from cellclf.reader import TileReader
-from cellclf.slide import Slide
-from cellclf.tiling import owner_index, tile_grid
+from cellclf.wsi.crops import crop_corners, crop_halo_um, cut_crops, extract_crops
+from cellclf.wsi.jpeg_tiles import array_tile_fn, write_pyramid_tiff
+from cellclf.wsi.slide import Slide
+from cellclf.wsi.tile_reader import TileReader
+from cellclf.wsi.tiling import owner_index, tile_grid
 
 
 def test_cut_crops_hand_computed() -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellclf.annotations import ClassMap, SlideEntry, discover
-from cellclf.config import load_config
-from cellclf.dataset import (
+from cellclf.annotations.labelled_data import ClassMap, SlideEntry, discover
+from cellclf.errors import AnnotationError
+from cellclf.model.config import load_config
+from cellclf.model.dataset import (
     KIND_ANNOTATION,
     KIND_CANDIDATE,
     KIND_FALSE_DETECTION,
@@ -22,7 +23,6 @@ from cellclf.dataset import (
     slide_crops,
     split_entries,
 )
-from cellclf.errors import AnnotationError
 
 CLASSES = ("eosinophil", "neutrophil", "mast_cell", "other")
 
@@ -122,8 +122,8 @@ def test_slide_crops_centre_on_candidates_and_cache(tmp_path: Path, monkeypatch)
     def no_reads(*a, **k):
         raise AssertionError("the slide was read again")
 
-    monkeypatch.setattr("cellclf.crops.extract_crops", no_reads)
-    monkeypatch.setattr("cellclf.detect.detect_slide", no_reads)
+    monkeypatch.setattr("cellclf.wsi.crops.extract_crops", no_reads)
+    monkeypatch.setattr("cellclf.detect.slide_detection.detect_slide", no_reads)
     again, names2, hit = slide_crops(entry, **kw)
     assert hit and names2 == names
     np.testing.assert_array_equal(again["crops"], crops)

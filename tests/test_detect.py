@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellclf.detect import RJ_HE, DetectParams, detect_cells, gaussian_kernel, merge_peaks
+from cellclf.detect.classical import RJ_HE, DetectParams, detect_cells, gaussian_kernel, merge_peaks
 
 MPP = 0.5
 _M = RJ_HE[:2] / np.linalg.norm(RJ_HE[:2], axis=1, keepdims=True)
@@ -173,7 +173,7 @@ def test_torch_matches_numpy_on_cpu() -> None:
     pytest.importorskip("torch")
     from scipy.spatial import cKDTree
 
-    from cellclf.detect_torch import TorchDetector
+    from cellclf.detect.classical_torch import TorchDetector
 
     tiles = _random_tiles(4, 0)
     tiles.append(tiles[0][:150, :201])  # a different size in the same batch
@@ -193,7 +193,7 @@ def test_torch_matches_numpy_on_cpu() -> None:
 
 
 def _truth(path: Path) -> tuple[np.ndarray, list[str]]:
-    from cellclf.geojson import read_points
+    from cellclf.annotations.geojson import read_points
 
     pts = read_points(path)
     return np.array([(p.x, p.y) for p in pts]), [str(p.name) for p in pts]
@@ -203,8 +203,8 @@ TARGETS = ("eosinophil", "neutrophil", "mast_cell")
 
 
 def test_detect_slide_meets_recall_bar_on_tiny_slide(tiny_slide) -> None:
-    from cellclf.detect import detect_slide
-    from cellclf.match import detection_metrics
+    from cellclf.detect.matching import detection_metrics
+    from cellclf.detect.slide_detection import detect_slide
 
     slide, truth = tiny_slide
     xy0, names = _truth(truth)
@@ -221,7 +221,7 @@ def test_detect_slide_meets_recall_bar_on_tiny_slide(tiny_slide) -> None:
 def test_tile_overlaps_do_not_duplicate(tiny_slide) -> None:
     from scipy.spatial import cKDTree
 
-    from cellclf.detect import detect_slide
+    from cellclf.detect.slide_detection import detect_slide
 
     slide, _ = tiny_slide
     one = detect_slide(slide, progress=False, backend="numpy", tile_um=512.0)
@@ -238,7 +238,7 @@ def test_torch_backend_matches_numpy_on_slide(tiny_slide) -> None:
     pytest.importorskip("torch")
     from scipy.spatial import cKDTree
 
-    from cellclf.detect import detect_slide
+    from cellclf.detect.slide_detection import detect_slide
 
     slide, _ = tiny_slide
     a = detect_slide(slide, progress=False, backend="numpy")
@@ -252,8 +252,8 @@ def test_torch_backend_matches_numpy_on_slide(tiny_slide) -> None:
 def test_cli_detect_writes_candidates_and_metrics(tiny_slide, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from cellclf.annotations.geojson import read_points
     from cellclf.cli import app
-    from cellclf.geojson import read_points
 
     slide, truth = tiny_slide
     out = tmp_path / "cand.geojson"

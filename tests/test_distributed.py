@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cellclf.distributed import plan_workers
 from cellclf.errors import CellclfError
-from cellclf.infer import run_batch
+from cellclf.pipeline.batch import run_batch
+from cellclf.pipeline.ray_workers import plan_workers
 
 
 def test_plan_workers_gpu_and_cpu():
@@ -38,7 +38,7 @@ def test_plan_workers_gpu_and_cpu():
 
 
 def test_missing_ray_says_how_to_install(monkeypatch):
-    from cellclf.distributed import import_ray
+    from cellclf.pipeline.ray_workers import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as if not installed
     with pytest.raises(CellclfError, match=re.escape("pip install 'cellclf[ray]'")):

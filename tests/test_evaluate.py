@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cellclf.evaluate import (
+from cellclf.evaluation.evaluate import (
     classification_metrics,
     count_errors,
     metrics_from_confusion,
@@ -86,7 +86,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from cellclf.card import Card
-    from cellclf.model import CellClassifier, save_bundle
+    from cellclf.model.network import CellClassifier, save_bundle
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle")
@@ -131,7 +131,7 @@ def test_evaluate_writes_all_outputs(tmp_path: Path, bundle: Path) -> None:
 def test_evaluate_int8_uses_the_int8_calibration(tmp_path: Path, shipped_model, tiny_svs) -> None:
     """`cellclf evaluate --precision int8`: the int8 graph's logits, gated with its own temperature
     and thresholds (never the fp32 ones)."""
-    from cellclf.evaluate import evaluate
+    from cellclf.evaluation.evaluate import evaluate
 
     card = json.loads((shipped_model / "card.json").read_text())
     if "int8" not in card:

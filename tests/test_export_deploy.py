@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_block_diagonal_groups_hand_case():
-    from cellclf.export import block_diagonal_groups
+    from cellclf.model.onnx_export import block_diagonal_groups
 
     # 3 groups of width 2 (6 channels) -> blocks of 4 over 8 channels (last group + 2 zero filters)
     w = torch.arange(1, 6 * 2 + 1, dtype=torch.float32).reshape(6, 2, 1, 1)
@@ -24,7 +24,7 @@ def test_block_diagonal_groups_hand_case():
 
 
 def test_widened_grouped_conv_is_the_same_conv():
-    from cellclf.export import block_diagonal_groups
+    from cellclf.model.onnx_export import block_diagonal_groups
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=3, bias=False)  # width 8
@@ -38,7 +38,7 @@ def test_widened_grouped_conv_is_the_same_conv():
 
 @pytest.fixture(scope="module")
 def regnet():
-    from cellclf.model import CellClassifier
+    from cellclf.model.network import CellClassifier
 
     torch.manual_seed(0)
     m = CellClassifier("regnet_y_400mf", 4, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -52,7 +52,7 @@ def regnet():
 
 
 def test_deploy_model_equals_the_original(regnet):
-    from cellclf.export import deploy_model
+    from cellclf.model.onnx_export import deploy_model
 
     crops = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), np.uint8))
     dep = deploy_model(regnet)
@@ -69,7 +69,7 @@ def test_deploy_model_equals_the_original(regnet):
 
 
 def test_deploy_without_widening_keeps_groups(regnet):
-    from cellclf.export import deploy_model
+    from cellclf.model.onnx_export import deploy_model
 
     dep = deploy_model(regnet, group_block=0)
     widths = {m.in_channels // m.groups for m in dep.modules()
@@ -79,7 +79,7 @@ def test_deploy_without_widening_keeps_groups(regnet):
 
 def test_deploy_keeping_batchnorm_equals_the_original(regnet):
     """fp16 exports keep batch norm unfolded (stored weights stay exact): widening pads it too."""
-    from cellclf.export import deploy_model
+    from cellclf.model.onnx_export import deploy_model
 
     crops = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), np.uint8))
     dep = deploy_model(regnet, fold_bn=False)

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from cellclf.engine import OnnxEngine, TorchEngine, load_engine, onnx_card
+from cellclf.model.engine import OnnxEngine, TorchEngine, load_engine, onnx_card
 
 
 @pytest.fixture(scope="module")
 def real_crops(tiny_slide) -> np.ndarray:
     """Crops of real detector candidates on a synthetic slide."""
-    from cellclf.crops import extract_crops
-    from cellclf.detect import detect_slide
+    from cellclf.detect.slide_detection import detect_slide
+    from cellclf.wsi.crops import extract_crops
 
     slide, _ = tiny_slide
     cands = detect_slide(slide, work_mpp=0.5, progress=False)
@@ -27,7 +27,7 @@ def test_onnx_file_carries_the_card(random_bundle):
     meta = onnx_card(random_bundle / "model.onnx")
     assert meta["classes"] == card["classes"] and meta["crop_px"] == 64
     assert meta["gate"]["thresholds"]["eosinophil"] == 0.5
-    from cellclf.export import sha256_file
+    from cellclf.model.onnx_export import sha256_file
 
     assert card["onnx"]["sha256"] == sha256_file(random_bundle / "model.onnx")
     assert not list(random_bundle.glob("*.data"))  # one file, no external data
@@ -53,7 +53,7 @@ def test_fp32_parity_random_and_real_crops(random_bundle, real_crops):
 
 
 def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
-    from cellclf.gate import GateParams, apply_gate
+    from cellclf.gate.thresholds import GateParams, apply_gate
 
     card = json.loads((random_bundle / "card.json").read_text())
     gate = GateParams.from_dict(card["gate"], classes=card["classes"])
@@ -65,7 +65,7 @@ def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
 
 def test_fp16_export_parity(shipped_model, real_crops, tmp_path):
     """fp16 on the trained shipped model (a random net's huge logits are not representative)."""
-    from cellclf.export import export_onnx
+    from cellclf.model.onnx_export import export_onnx
 
     out = export_onnx(shipped_model, out=tmp_path / "model.fp16.onnx", fp16=True)
     p16 = OnnxEngine(shipped_model, onnx_file=str(out)).classify(real_crops)
@@ -104,7 +104,7 @@ def test_fresh_export_is_the_fast_graph_and_exact(shipped_model, real_crops, tmp
     kernels take them), no batch norm, no Gather chain in the SE pooling; fp32 parity ≤ 1e-4."""
     import onnx
 
-    from cellclf.export import export_onnx
+    from cellclf.model.onnx_export import export_onnx
 
     out = export_onnx(shipped_model, out=tmp_path / "fresh.onnx")
     graph = onnx.load(str(out)).graph

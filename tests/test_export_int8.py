@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cellclf.cli import app
-from cellclf.engine import OnnxEngine, TorchEngine, load_engine, onnx_card
 from cellclf.errors import BundleError
+from cellclf.model.engine import OnnxEngine, TorchEngine, load_engine, onnx_card
 
 
 def _folder(tmp_path_factory, name: str, files) -> Path:
@@ -40,8 +40,8 @@ def int8_bundle(shipped_model, tiny_slide, tiny_svs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cal_crops(tiny_svs) -> np.ndarray:
-    from cellclf.crops import extract_crops
-    from cellclf.detect import detect_slide
+    from cellclf.detect.slide_detection import detect_slide
+    from cellclf.wsi.crops import extract_crops
 
     cands = detect_slide(tiny_svs[0], work_mpp=0.5, progress=False)
     return extract_crops(tiny_svs[0], cands, 0.5, 64)
@@ -57,7 +57,7 @@ def test_int8_section_and_graph(int8_bundle):
     assert sec["calibration"]["slides"] == ["tiny_svs"] and sec["quantization"]["slides"] == ["tiny"]
     assert sec["calibration"]["n_cells"] > 100 and sec["quantization"]["n_crops"] == 256
     assert sec["source_sha256"] == card["sha256"]
-    from cellclf.export import sha256_file
+    from cellclf.model.onnx_export import sha256_file
 
     assert sec["sha256"] == sha256_file(int8_bundle / "model.int8.onnx")
     meta = onnx_card(int8_bundle / "model.int8.onnx")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom
 
-from cellclf.calibrate import CalibrationError
-from cellclf.gate import (
+from cellclf.gate.temperature import CalibrationError
+from cellclf.gate.thresholds import (
     REASONS,
     GateParams,
     apply_gate,

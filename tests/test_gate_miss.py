@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from cellclf.calibrate import CalibrationError
-from cellclf.gate import (
+from cellclf.gate.temperature import CalibrationError
+from cellclf.gate.thresholds import (
     GateParams,
     apply_gate,
     clopper_pearson_upper,

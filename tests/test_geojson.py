@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellclf.annotations.geojson import class_color, polygon_centroid, read_points, write_points
 from cellclf.errors import AnnotationError
-from cellclf.geojson import class_color, polygon_centroid, read_points, write_points
 
 
 def test_write_is_qupath_shaped_and_round_trips(tmp_path: Path) -> None:

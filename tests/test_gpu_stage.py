@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cellclf.card import load_card  # noqa: E402
-from cellclf.engine import TorchEngine  # noqa: E402
-from cellclf.pipeline import RunParams, run_slide  # noqa: E402
+from cellclf.model.engine import TorchEngine  # noqa: E402
+from cellclf.pipeline.run_slide import RunParams, run_slide  # noqa: E402
 
 
 def _run(slide, engine, stage: str, decode: str = "off", review: bool = True):
@@ -62,8 +62,8 @@ def test_device_stage_matches_host_stage(tiny_slide, cpu_engine, host_run, decod
 
 
 def test_gather_crops_equals_cut_crops_with_white_outside(cpu_engine):
-    from cellclf.crops import cut_crops
-    from cellclf.gpu_stage import DeviceStage
+    from cellclf.pipeline.device_stage import DeviceStage
+    from cellclf.wsi.crops import cut_crops
 
     rng = np.random.default_rng(3)
     tiles = rng.integers(0, 256, (2, 90, 70, 3), dtype=np.uint8)
@@ -77,8 +77,8 @@ def test_gather_crops_equals_cut_crops_with_white_outside(cpu_engine):
 
 
 def test_device_stage_refuses_onnx_engine(tiny_slide, shipped_model):
-    from cellclf.engine import OnnxEngine
     from cellclf.errors import ConfigError
+    from cellclf.model.engine import OnnxEngine
 
     eng = OnnxEngine(shipped_model)
     card = load_card(shipped_model).to_dict()
@@ -122,7 +122,7 @@ def test_reduce_half_is_pillows_bilinear_reduction():
     """The device reduction equals Pillow's bilinear 2× resize from an integer box, bit for bit."""
     from PIL import Image
 
-    from cellclf.gpu_decode import reduce_half
+    from cellclf.wsi.device_decode import reduce_half
 
     rng = np.random.default_rng(7)
     img = rng.integers(0, 256, (46, 58, 3), dtype=np.uint8)
@@ -136,9 +136,9 @@ def test_reduce_half_is_pillows_bilinear_reduction():
 def test_device_readable_refuses_rgb_coded_jpeg(tmp_path):
     """Aperio-style RGB-coded JPEG levels stay with the host reader (nvJPEG assumes YCbCr);
     YCbCr-coded ones at an exact 2× reduction go to the device."""
-    from cellclf.fastjpeg import array_tile_fn, write_pyramid_tiff
-    from cellclf.gpu_decode import device_readable
-    from cellclf.reader import TileReader
+    from cellclf.wsi.device_decode import device_readable
+    from cellclf.wsi.jpeg_tiles import array_tile_fn, write_pyramid_tiff
+    from cellclf.wsi.tile_reader import TileReader
 
     rgb = np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     for photometric, expected in (("rgb", False), ("ycbcr", True)):
@@ -150,7 +150,7 @@ def test_device_readable_refuses_rgb_coded_jpeg(tmp_path):
 
 
 def test_bucket_sizes_are_few_and_cover_the_batch():
-    from cellclf.engine import bucket_size
+    from cellclf.model.engine import bucket_size
 
     assert [bucket_size(n, 4096) for n in (1, 255, 256, 257, 3000, 4095, 4096, 9000)] == [
         256, 256, 256, 512, 4096, 4096, 4096, 4096]
@@ -163,7 +163,7 @@ def test_png_bytes_round_trips_losslessly():
 
     from PIL import Image
 
-    from cellclf.pipeline import png_bytes
+    from cellclf.pipeline.run_slide import png_bytes
 
     rng = np.random.default_rng(0)
     for shape in ((160, 160, 3), (1, 1, 3), (7, 33, 3), (64, 64, 4)):

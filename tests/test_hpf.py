@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cellclf.hpf import density_per_mm2, hpf_radius_um, peak_hpf
+from cellclf.outputs.hpf import density_per_mm2, hpf_radius_um, peak_hpf
 
 
 def test_radius_of_default_field():

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cellclf.infer import expand_slides, run_batch
+from cellclf.pipeline.batch import expand_slides, run_batch
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_outputs_and_manifest(batch_out, tiny_slide):
 
 def test_detections_match_truth(batch_out, tiny_slide):
     """The pipeline's cells find the truth's target cells (4 µm) and classify most right."""
-    from cellclf.geojson import read_points
-    from cellclf.match import match_points
+    from cellclf.annotations.geojson import read_points
+    from cellclf.detect.matching import match_points
 
     out, _ = batch_out
     cells = pq.read_table(out / "tiny" / "cells.parquet").to_pydict()

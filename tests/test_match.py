@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cellclf.match import detection_metrics, match_points
+from cellclf.detect.matching import detection_metrics, match_points
 
 
 def test_simple_matching_and_distances() -> None:

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from cellclf.calibrate import CalibrationError
-from cellclf.ood import (
+from cellclf.gate.slide_guard import (
     STAIN_MATRIX,
     OODParams,
     SlideStats,
@@ -21,6 +20,7 @@ from cellclf.ood import (
     slide_stats,
     stain_concentrations,
 )
+from cellclf.gate.temperature import CalibrationError
 
 
 def render_he(seed: int, mpp: float = 0.25, size_um: float = 200.0, h_scale: float = 1.0,
@@ -156,7 +156,7 @@ def test_real_slide_crops(shared_wsi: Path) -> None:
 
 
 def test_slide_stats_in_threads_equals_serial():
-    from cellclf.ood import slide_stats
+    from cellclf.gate.slide_guard import slide_stats
 
     rng = np.random.default_rng(5)
     tiles = [rng.integers(60, 250, (120, 90, 3), dtype=np.uint8) for _ in range(5)]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cellclf.errors import SlideOpenError
-from cellclf.fastjpeg import JpegTileSource, array_tile_fn, probe, write_pyramid_tiff
-from cellclf.reader import TileReader
-from cellclf.slide import Slide
+from cellclf.wsi.jpeg_tiles import JpegTileSource, array_tile_fn, probe, write_pyramid_tiff
+from cellclf.wsi.slide import Slide
+from cellclf.wsi.tile_reader import TileReader
 
 
 def pattern(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_infer_review_export_retrain(tiny_svs, tiny_slide, shipped_model, tmp_path):
-    from cellclf.geojson import read_points
-    from cellclf.infer import run_batch
-    from cellclf.match import match_points
-    from cellclf.model import load_bundle
-    from cellclf.review.export import export_labels
+    from cellclf.annotations.geojson import read_points
+    from cellclf.detect.matching import match_points
+    from cellclf.model.network import load_bundle
+    from cellclf.pipeline.batch import run_batch
     from cellclf.review.finalize import finalize_results
+    from cellclf.review.label_export import export_labels
     from cellclf.review.store import ReviewStore
 
     slide, truth = tiny_svs

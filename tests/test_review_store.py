@@ -267,8 +267,8 @@ def _reviewed_store(path) -> ReviewStore:
 
 
 def test_export_writes_qupath_geojson_training_can_read(tmp_path):
-    from cellclf.geojson import read_points
-    from cellclf.review.export import export_labels
+    from cellclf.annotations.geojson import read_points
+    from cellclf.review.label_export import export_labels
 
     st = _reviewed_store(tmp_path / "r.sqlite")
     out = tmp_path / "labels"
@@ -288,7 +288,7 @@ def test_export_writes_qupath_geojson_training_can_read(tmp_path):
 
 
 def _results_dir(tmp_path, slide_id: str, pred: list[int], accept: list[bool]):
-    from cellclf.results import SlideResult, write_slide_results
+    from cellclf.outputs.results import SlideResult, write_slide_results
 
     n, classes = len(pred), ["eosinophil", "neutrophil", "mast_cell", "other"]
     probs = np.full((n, 4), 0.1, np.float32)

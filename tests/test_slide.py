@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cellclf.errors import ConfigError, MissingMppError, SlideOpenError
-from cellclf.fastjpeg import array_tile_fn, write_pyramid_tiff
-from cellclf.slide import (
+from cellclf.wsi.jpeg_tiles import array_tile_fn, write_pyramid_tiff
+from cellclf.wsi.slide import (
     Slide,
     best_level,
     mpp_from_tiff_tags,

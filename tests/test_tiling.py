@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cellclf.errors import ConfigError
-from cellclf.tiling import Tile, core_edges, owner_index, tile_grid
-from cellclf.tissue import TissueMask
+from cellclf.wsi.tiling import Tile, core_edges, owner_index, tile_grid
+from cellclf.wsi.tissue import TissueMask
 
 
 def test_core_edges() -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cellclf.errors import EmptyTissueError
-from cellclf.slide import Slide
-from cellclf.tissue import (
+from cellclf.wsi.slide import Slide
+from cellclf.wsi.tissue import (
     TissueMask,
     otsu_threshold,
     require_tissue,

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from cellclf.card import Card, save_card
-from cellclf.config import load_config
 from cellclf.errors import BundleError, ConfigError
-from cellclf.model import CellClassifier, Preprocess, load_bundle, predict_logits, save_bundle
+from cellclf.model.config import load_config
+from cellclf.model.network import CellClassifier, Preprocess, load_bundle, predict_logits, save_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("eosinophil", "neutrophil", "mast_cell", "other")
@@ -63,8 +63,8 @@ def test_unknown_backbone_is_a_config_error() -> None:
 
 
 def test_augmentations_keep_shape_and_dtype() -> None:
-    from cellclf.augment import apply_cpu, cpu_transform, gpu_augment
-    from cellclf.config import AugmentConfig
+    from cellclf.model.augment import apply_cpu, cpu_transform, gpu_augment
+    from cellclf.model.config import AugmentConfig
 
     crop = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     t = cpu_transform(AugmentConfig(hestain_p=1.0, jpeg_p=1.0, blur_p=1.0))
@@ -104,7 +104,7 @@ def write_crop_folder(root: Path, per_class: int = 16, size: int = 64) -> Path:
 
 
 def test_fit_from_crop_folder_writes_a_loadable_bundle(tmp_path: Path) -> None:
-    from cellclf.train import fit
+    from cellclf.model.training import fit
 
     data = write_crop_folder(tmp_path / "crops", per_class=32)
     cfg = load_config(REPO / "configs" / "train-tiny.yaml",
@@ -155,7 +155,7 @@ def test_cli_train_then_evaluate_on_tiny_synthetic_slides(tiny_slide, tiny_svs,
     from typer.testing import CliRunner
 
     from cellclf.cli import app
-    from cellclf.evaluate import evaluate
+    from cellclf.evaluation.evaluate import evaluate
 
     data, held_out = tmp_path / "data", tmp_path / "held_out"
     for folder, pairs in ((data, (tiny_slide, tiny_svs)), (held_out, (tiny_svs,))):
@@ -190,7 +190,7 @@ def test_batch_loader_keeps_crops_and_labels_together():
     import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    from cellclf.train import CropBatchDataset
+    from cellclf.model.training import CropBatchDataset
 
     n = 103
     crops = np.zeros((n, 4, 4, 3), np.uint8)
@@ -211,7 +211,7 @@ def test_fit_on_cuda_bf16_with_gpu_augment(tmp_path: Path) -> None:
     """bf16-mixed training on CUDA fed by the whole-batch loader and device-side augmentation."""
     import torch
 
-    from cellclf.train import fit
+    from cellclf.model.training import fit
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

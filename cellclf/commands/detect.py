@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         """Find cell candidates (one point per cell, any class) and write them as a
         QuPath-importable GeoJSON. With --truth, print recall per class, precision and the
         duplicate rate (match radius 4 µm) and write them as JSON."""
-        from cellclf.candidates import detect_to_geojson
+        from cellclf.detect.candidates import detect_to_geojson
 
         metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth, metrics_json=metrics_json,
                                     workers=workers, progress=progress, backend=backend)

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         """Find and classify cells on every slide; write per-slide results, a manifest and the
         review queue. Exit code 0: every slide done; 1: at least one slide failed (see
         OUT/manifest.csv); 2: the run could not start (bad model, no slides)."""
-        from cellclf.infer import run_batch
+        from cellclf.pipeline.batch import run_batch
 
         report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the bundle to ONNX (uint8 crops in; probs and logits out; card in metadata)."""
         if int8:
-            from cellclf.quantize import export_int8
+            from cellclf.calibration.int8 import export_int8
 
             section = export_int8(bundle, data=data, quant_data=quant_data, n_quant=quant_crops,
                                   workers=workers)
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
                        f"{agree['argmax_agreement']:.4f}; its own gate is in card.json's int8 "
                        "section")
             return
-        from cellclf.export import export_onnx
+        from cellclf.model.onnx_export import export_onnx
 
         out = export_onnx(bundle, out=bundle / "model.fp16.onnx" if fp16 else None, opset=opset,
                           fp16=fp16)

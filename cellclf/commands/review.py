@@ -82,7 +82,7 @@ def export(
         False, help="Also write can't-tell / pending / disputed cells, unclassified, with a "
         "review_status property (for viewing in QuPath; training ignores them)."),
 ) -> None:
-    from cellclf.review.export import export_labels
+    from cellclf.review.label_export import export_labels
 
     tally = export_labels(db, out, include_uncertain=include_uncertain)
     for slide, t in tally.items():

@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         Crops are cut at detector candidates matched to the annotations (unmatched candidates
         become `other`) and cached, so a second run never re-reads the slides.
         """
-        from cellclf.config import load_config
-        from cellclf.train import fit
+        from cellclf.model.config import load_config
+        from cellclf.model.training import fit
 
         extra = list(overrides or [])
         if mpp is not None:
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
-        from cellclf.evaluate import evaluate as run
+        from cellclf.evaluation.evaluate import evaluate as run
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
                          coords="um" if coords_um else "px", precision=precision)

@@ -1,8 +1,8 @@
 """Final per-slide counts: machine-accepted cells plus the pathologists' labels of queued cells.
 
-Data flow: ``results/<slide_id>/summary.json`` (written by :mod:`cellclf.results`, with
+Data flow: ``results/<slide_id>/summary.json`` (written by :mod:`cellclf.outputs.results`, with
 ``counts: {class: {accepted, review, total}}``) + review store → the same summary with a ``final``
-section, rewritten atomically → ``report.html`` rebuilt by :func:`cellclf.report.write_report`.
+section, rewritten atomically → ``report.html`` rebuilt by :func:`cellclf.outputs.report.write_report`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cellclf.atomic import atomic_write_json
 from cellclf.errors import AnnotationError
+from cellclf.outputs.atomic import atomic_write_json
 from cellclf.review.store import CANT_TELL, FinalLabel, ReviewStore, ReviewStoreError, open_store
 
 
@@ -51,7 +51,7 @@ def finalize_results(store: ReviewStore | str, results_dir: str | Path,
                      report: bool = True) -> dict[str, dict[str, Any]]:
     """Add ``final`` to every ``results_dir/<slide_id>/summary.json``; returns them by slide id.
 
-    ``report``: rebuild each slide's ``report.html`` with :func:`cellclf.report.write_report`.
+    ``report``: rebuild each slide's ``report.html`` with :func:`cellclf.outputs.report.write_report`.
     """
     st = open_store(store)
     root = Path(results_dir)
@@ -77,7 +77,7 @@ def finalize_results(store: ReviewStore | str, results_dir: str | Path,
         summary["final"] = final_section(counts, finals, now)
         atomic_write_json(path, summary)
         if report:
-            from cellclf.report import write_report
+            from cellclf.outputs.report import write_report
 
             write_report(path.parent)
         out[slide_id] = summary["final"]

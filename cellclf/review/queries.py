@@ -1,7 +1,7 @@
 """Read-only views of the review store: the queue, history, progress, votes, final labels, audit.
 
 Mixed into :class:`cellclf.review.store.ReviewStore`; used by the web app's queue and admin pages,
-by :mod:`cellclf.review.export` and :mod:`cellclf.review.finalize`. Writes nothing.
+by :mod:`cellclf.review.label_export` and :mod:`cellclf.review.finalize`. Writes nothing.
 """
 
 from __future__ import annotations

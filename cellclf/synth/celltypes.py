@@ -6,7 +6,7 @@ GeoJSON writer. The order of :data:`CELL_TYPES` defines the integer type codes u
 
 from __future__ import annotations
 
-from cellclf.geojson import CLASS_COLORS as GEOJSON_COLORS
+from cellclf.annotations.geojson import CLASS_COLORS as GEOJSON_COLORS
 
 CELL_TYPES: tuple[str, ...] = (
     "eosinophil", "neutrophil", "mast_cell",                  # the three target classes

@@ -61,7 +61,7 @@ def main() -> int:
     import torch
 
     from cellclf.card import load_card
-    from cellclf.engine import OnnxEngine, TorchEngine
+    from cellclf.model.engine import OnnxEngine, TorchEngine
 
     card = load_card(a.model)
     rng = np.random.default_rng(0)

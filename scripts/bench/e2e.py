@@ -52,8 +52,8 @@ def _device_decode_floor(reader, tiles: list, engine, per_batch: int) -> float |
         return None
     import torch
 
-    from cellclf.gpu_decode import DeviceTileReader, device_readable, plan_key
-    from cellclf.gpu_stage import consecutive_batches
+    from cellclf.pipeline.device_stage import consecutive_batches
+    from cellclf.wsi.device_decode import DeviceTileReader, device_readable, plan_key
 
     if not device_readable(reader, tiles):
         return None
@@ -75,7 +75,7 @@ def _warm_up(engine, card: dict) -> None:
     crop = int(card["crop_px"])
     engine.classify(np.full((64, crop, crop, 3), 200, np.uint8))
     if getattr(engine, "backend", "") == "torch" and engine.device.type == "cuda":
-        from cellclf.detect_torch import TorchDetector
+        from cellclf.detect.classical_torch import TorchDetector
 
         TorchDetector(device=engine.device).detect([np.full((600, 600, 3), 220, np.uint8)],
                                                    float(card["mpp"]))
@@ -102,13 +102,13 @@ def main() -> int:
     a = ap.parse_args()
 
     from cellclf.card import load_card
-    from cellclf.engine import load_engine
-    from cellclf.pipeline import RunParams, run_slide
-    from cellclf.reader import TileReader
-    from cellclf.slide import Slide
+    from cellclf.model.engine import load_engine
+    from cellclf.pipeline.run_slide import RunParams, run_slide
     from cellclf.synth import render_slide
-    from cellclf.tiling import tile_grid
-    from cellclf.tissue import tissue_mask, tissue_thumbnail_px
+    from cellclf.wsi.slide import Slide
+    from cellclf.wsi.tile_reader import TileReader
+    from cellclf.wsi.tiling import tile_grid
+    from cellclf.wsi.tissue import tissue_mask, tissue_thumbnail_px
 
     name = f"e2e_{a.width}x{a.height}"
     slide = a.work / f"{name}.tif"

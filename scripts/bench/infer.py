@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
 
-    from cellclf.infer import run_batch
+    from cellclf.pipeline.batch import run_batch
     from cellclf.synth import render_slide
 
     a.work.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ TIFF of at least 20k × 20k px, side by side in one run:
 * TileReader with ``fast=False`` (OpenSlide in N threads).
 
 The slide comes from ``cellclf.synth.render_slide`` when that exists (``--source``), otherwise a
-procedural H&E-like texture written with :func:`cellclf.fastjpeg.write_pyramid_tiff` (512² JPEG
+procedural H&E-like texture written with :func:`cellclf.wsi.jpeg_tiles.write_pyramid_tiff` (512² JPEG
 tiles); it is cached under ``--cache``. Prints a rich table (MP/s, ratio to the plain loop) and
 appends it to docs/benchmarks.md with the machine, date and commit.
 
@@ -27,9 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cellclf.fastjpeg import write_pyramid_tiff  # noqa: E402
-from cellclf.reader import TileReader, default_workers  # noqa: E402
-from cellclf.tiling import tile_grid  # noqa: E402
+from cellclf.wsi.jpeg_tiles import write_pyramid_tiff  # noqa: E402
+from cellclf.wsi.tile_reader import TileReader, default_workers  # noqa: E402
+from cellclf.wsi.tiling import tile_grid  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_MD, append_section  # noqa: E402

@@ -85,12 +85,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cellclf.annotations import discover
-    from cellclf.augment import gpu_augment
-    from cellclf.config import load_config
-    from cellclf.dataset import build_datasets
+    from cellclf.annotations.labelled_data import discover
+    from cellclf.model.augment import gpu_augment
+    from cellclf.model.config import load_config
+    from cellclf.model.dataset import build_datasets
+    from cellclf.model.training import CellDataModule, CellLitModule
     from cellclf.synth import render_slide
-    from cellclf.train import CellDataModule, CellLitModule
 
     console = Console()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

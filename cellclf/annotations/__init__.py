@@ -1,0 +1,1 @@
+"""Labelled data in: QuPath GeoJSON, CSV points, crop folders, manifests."""

@@ -1,0 +1,78 @@
+"""CLI: ``cellclf calibrate`` — temperature, certified gate thresholds, conformal sets, OOD guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _alpha_overrides(items: list[str]) -> dict[str, float]:
+    """``CLASS=VALUE`` strings → {class: α}; a clear error for anything else."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError(item)
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"'{item}': write CLASS=VALUE, e.g. other=0.002",
+                                     param_hint="--alpha-class") from None
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate")
+    def calibrate(
+        bundle: Path = typer.Argument(..., help="Model bundle directory."),
+        data: Path = typer.Option(..., "--data", "-d",
+                                  help="Calibration slides with truth (folder or manifest) the "
+                                       "model never saw in training."),
+        alpha: float = typer.Option(0.01, help="Maximum error rate among auto-accepted cells, per class."),
+        alpha_class: list[str] = typer.Option(
+            [], "--alpha-class", metavar="CLASS=VALUE", help="Per-class α override CLASS=VALUE (repeatable), "
+                                      "e.g. --alpha-class other=0.002."),
+        beta: float = typer.Option(
+            0.01, help="Miss bound: at most this share of each target class may be auto-accepted "
+                       "as 'other' (where it would be neither counted nor reviewed); raises "
+                       "the threshold of 'other' as needed. 0 turns it off."),
+        delta: float = typer.Option(0.05, help="Allowed failure probability (split evenly over all "
+                                                "certified statements)."),
+        alpha_set: float = typer.Option(0.1, "--alpha-set",
+                                        help="Miscoverage of the reviewer's conformal label sets."),
+        workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+    ) -> None:
+        """Fit the temperature and the risk-controlled per-class thresholds (error bound per class,
+        miss bound per target class) on calibration slides and store them in card.json
+        (re-exporting model.onnx if present)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from cellclf.calibration.bundle_gate import calibrate_bundle
+
+        s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
+                             workers=workers, beta=beta if beta > 0 else None,
+                             alpha_per_class=_alpha_overrides(alpha_class))
+        gate = s["gate"]
+        console = Console()
+        console.print(f"temperature {s['temperature']:.3f}; ECE {s['ece_before']:.4f} → "
+                      f"{s['ece_after']:.4f} on {s['n_cells']} calibration cells")
+        miss_txt = f", β = {gate['beta']:g}" if gate.get("beta") is not None else ", no miss bound"
+        table = Table(title=f"gate: α = {alpha}{miss_txt}, δ = {delta} over {gate['n_tests']} "
+                            "statements")
+        for col in ("class", "α", "threshold", "n predicted", "miss: as other / true (max)"):
+            table.add_column(col)
+        notes = dict(gate.get("notes", {}))
+        for c in gate["classes"]:
+            thr = gate["thresholds"].get(c)
+            if thr is None and c not in notes:
+                notes[c] = "not certified: all its cells go to review"
+            m = gate.get("miss", {}).get(c)
+            miss = f"{m['n_missed']} / {m['n_true']} ({m['max_missed']})" if m else ""
+            table.add_row(c, f"{gate['alpha_per_class'].get(c, gate['alpha']):g}",
+                          "—" if thr is None else f"{thr:.4f}", str(gate["n_cal"].get(c)), miss)
+        console.print(table)
+        for c, note in notes.items():
+            console.print(f"{c}: {note}", soft_wrap=True)
+        console.print(f"written to {bundle / 'card.json'}")

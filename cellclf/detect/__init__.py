@@ -1,0 +1,1 @@
+"""Cell candidates: RGB tiles -> one centre per cell; matching against truth points."""

@@ -1,0 +1,93 @@
+"""A whole slide's cell candidates: tissue → tiles → detector per tile → the cells each tile owns."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from cellclf.detect.classical import DetectParams, detect_cells, detect_halo_um
+from cellclf.wsi.slide import Slide
+from cellclf.wsi.tile_reader import TileReader
+from cellclf.wsi.tiling import tile_grid
+from cellclf.wsi.tissue import require_tissue, slide_tissue_mask
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        import torch
+    except ImportError:
+        return "numpy"
+    return "torch" if torch.cuda.is_available() else "numpy"
+
+
+def detect_slide(
+    path: str | os.PathLike[str],
+    mpp: float | None = None,
+    work_mpp: float = 0.5,
+    workers: int = 0,
+    progress: bool = True,
+    backend: str = "auto",
+    params: DetectParams | None = None,
+    tile_um: float = 512.0,
+    batch_tiles: int = 16,
+) -> np.ndarray:
+    """Candidate cell centres (N×2 float64, level-0 px) over the tissue of a whole slide.
+
+    Tissue mask → tile grid with a halo of :func:`detect_halo_um` → tiles read in parallel →
+    detection per tile (batches of ``batch_tiles`` on torch) → keep the candidates each tile owns
+    (its core box), which removes overlap duplicates exactly. ``backend``: "auto" (torch on CUDA
+    when available, numpy otherwise), "numpy", or "torch" (CUDA if present, else CPU).
+    """
+    params = params or DetectParams()
+    backend = _resolve_backend(backend)
+    path = Path(path)
+    with Slide(path, mpp=mpp) as slide:
+        slide_mpp, width, height = slide.mpp, slide.width, slide.height
+        tissue = require_tissue(slide_tissue_mask(slide), path)
+    tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, detect_halo_um(params), tissue)
+    if backend == "torch":
+        from cellclf.detect.classical_torch import TorchDetector
+
+        detect_batch = TorchDetector(params).detect
+    else:
+        batch_tiles = 1
+
+        def detect_batch(rgbs: list[np.ndarray], m: float) -> list[np.ndarray]:
+            return [detect_cells(rgb, m, params) for rgb in rgbs]
+
+    found: list[np.ndarray] = []
+    with TileReader(path, work_mpp, mpp=mpp, workers=workers) as reader, \
+            _progress(progress, len(tiles), path.name) as advance:
+        batch: list = []
+        for k, item in enumerate(reader.iter_tiles(tiles)):
+            batch.append(item)
+            if len(batch) < batch_tiles and k + 1 < len(tiles):
+                continue
+            for (tile, _), xy in zip(batch, detect_batch([b[1] for b in batch], work_mpp),
+                                     strict=True):
+                xy0 = tile.to_level0(xy.astype(np.float64))
+                found.append(xy0[tile.owns(xy0)])
+            advance(len(batch))
+            batch = []
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.float64)
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, name: str):
+    """Rich progress bar over tiles; yields ``advance(n)`` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("detect", "[bold]" + name, BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task("tiles", total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,1 @@
+"""A bundle measured on data with truth: metrics.json, figures, report."""

@@ -1,0 +1,1 @@
+"""What a run writes: results, report, HPF counts, plots, manifest, atomic writes."""

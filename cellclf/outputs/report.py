@@ -1,0 +1,148 @@
+"""What a pathologist reads: ``overlay.png`` (thumbnail, class density, hotspot HPF) and
+``report.html`` (counts, densities, hotspot, gate statistics, model summary), per slide.
+
+Sits at the end of the flow, called by :mod:`cellclf.outputs.results` after inference and by
+``cellclf review finalize`` after review (the report is rebuilt from ``summary.json`` alone, so the
+final counts show once reviewers have labelled the queued cells). Needs only Pillow (no torch).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cellclf.outputs.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from cellclf.outputs.slide_result import SlideResult
+
+TARGET_ORDER = ("eosinophil", "neutrophil", "mast_cell")
+
+
+def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 1600) -> None:
+    """Thumbnail with a translucent eosinophil-density map, coloured cell dots and the hotspot HPF."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    from cellclf.annotations.geojson import class_color
+
+    thumb = Image.fromarray(np.ascontiguousarray(result.thumbnail)).convert("RGB")
+    ds = float(result.thumb_downsample)
+    scale = min(1.0, max_px / max(thumb.size))
+    if scale < 1.0:
+        thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
+                             Image.Resampling.LANCZOS)
+        ds = ds / scale
+    pred = result.pred
+    # density of the first target class present (eosinophils by default), blurred at ~1/2 HPF
+    dens_cls = next((c for c in TARGET_ORDER if c in result.classes), result.classes[0])
+    k = result.classes.index(dens_cls)
+    pts = result.xy0[pred == k] / ds
+    w, h = thumb.size
+    if len(pts):
+        hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=(h, w), range=((0, h), (0, w)))
+        radius_px = summary["peak_hpf"].get(dens_cls, {}).get("radius_px", 500.0) / ds
+        img = Image.fromarray((hist / hist.max() * 255).astype(np.uint8))
+        img = img.filter(ImageFilter.GaussianBlur(max(radius_px / 2, 1.0)))
+        dens = np.asarray(img, dtype=np.float32)
+        if dens.max() > 0:
+            alpha = (dens / dens.max() * 140).astype(np.uint8)
+            layer = np.zeros((h, w, 4), np.uint8)
+            layer[..., 0], layer[..., 1], layer[..., 3] = 255, 120, alpha
+            thumb = Image.alpha_composite(thumb.convert("RGBA"), Image.fromarray(layer)).convert("RGB")
+    draw = ImageDraw.Draw(thumb)
+    dot = 1 if len(result.xy0) > 20000 else 2
+    for kk, name in enumerate(result.classes):
+        if name == "other":
+            continue
+        colour = class_color(name)
+        for x, y in result.xy0[pred == kk] / ds:
+            draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=colour)
+    hot = summary["peak_hpf"].get(dens_cls)
+    if hot and hot["count"] > 0:
+        cx, cy, r = hot["x"] / ds, hot["y"] / ds, hot["radius_px"] / ds
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(0, 0, 0), width=3)
+        draw.ellipse((cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2), outline=(255, 255, 0), width=2)
+    thumb.save(path)
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return html.escape(str(v))
+
+
+def render_report_html(summary: dict) -> str:
+    e = html.escape
+    counts = summary["counts"]
+    final = summary.get("final")
+    rows = []
+    for name, c in counts.items():
+        dens = summary["per_mm2"].get(name, {})
+        hot = summary["peak_hpf"].get(name)
+        fin = final["counts"].get(name) if final else None
+        rows.append(
+            f"<tr><td>{e(name)}</td><td>{c['accepted']}</td><td>{c['review']}</td>"
+            f"<td>{c['total']}</td><td>{_fmt(fin) if final else '–'}</td>"
+            f"<td>{_fmt(dens.get('total'))}</td>"
+            f"<td>{hot['count'] if hot else '–'}</td></tr>")
+    gate = summary["gate"]
+    card = summary.get("model_card", {})
+    gate_card = card.get("gate") or {}
+    reasons = ", ".join(f"{e(k)}: {v}" for k, v in gate.get("reasons", {}).items()) or "–"
+    ood = gate.get("ood") or {}
+    ood_html = (f"<p class=warn><b>Slide flagged out of distribution</b>: "
+                f"{e('; '.join(ood.get('reasons', [])))} — every cell was sent to review.</p>"
+                if ood.get("flagged") else "")
+    if final:
+        status = (f"<p><b>Review:</b> {final.get('reviewed', 0)} reviewed, "
+                  f"{final.get('pending', 0)} pending, {final.get('cant_tell', 0)} can't tell "
+                  f"(updated {e(str(final.get('updated_at', '')))}).</p>")
+    else:
+        status = ("<p><b>Review:</b> not yet finalised — the 'total' column counts machine "
+                  "predictions; queued cells await a pathologist.</p>")
+    timings = ", ".join(f"{e(k)} {v:.2f} s" for k, v in summary.get("timings_s", {}).items())
+    auto = gate.get("automation_rate")
+    guarantee = gate_card.get("guarantee") or "no calibrated gate in this model card"
+    area = summary["hpf_area_mm2"]
+    sl = summary["slide"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cellclf — {e(summary['slide_id'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}.warn{{background:#fee;padding:8px;border:1px solid #c33}}
+img{{max-width:100%;border:1px solid #ccc}}.muted{{color:#666;font-size:90%}}</style></head><body>
+<h1>Slide {e(summary['slide_id'])}</h1>
+<p class=muted>{e(str(sl['path']))} · {sl['width']}×{sl['height']} px · {sl['mpp']:.3f} µm/px ·
+tissue {summary['tissue_area_mm2']:.2f} mm² · {summary['n_cells']:,} cells</p>
+{ood_html}{status}
+<h2>Counts</h2>
+<table><tr><th>class</th><th>auto-accepted</th><th>to review</th><th>total (predicted)</th>
+<th>final (after review)</th><th>per mm² tissue</th><th>peak per HPF ({area} mm²)</th></tr>
+{''.join(rows)}</table>
+<h2>Overlay</h2><p class=muted>Dots: predicted cells; shading: density; ringed: the hotspot HPF.</p>
+<img src="overlay.png" alt="slide overlay">
+<h2>Gate</h2><p>Automation rate {_fmt(None if auto is None else 100 * auto)} % · reasons: {reasons}</p>
+<p class=muted>{e(str(guarantee))}</p>
+<h2>Model</h2><p>{e(str(card.get('name', '?')))} v{e(str(card.get('version', '?')))} ·
+classes {e(', '.join(card.get('classes', [])))} · {card.get('mpp', '?')} µm/px ·
+crop {card.get('crop_px', '?')} px</p>
+<p class=muted>{e(str(card.get('intended_use', '')))}</p>
+<h2>Run</h2><p class=muted>Timings: {timings or '–'}<br>
+Versions: {e(json.dumps(summary.get('versions', {})))}</p>
+</body></html>
+"""
+
+
+def write_report(slide_dir: Path) -> Path:
+    """(Re)build ``report.html`` from ``summary.json`` in ``slide_dir``."""
+    slide_dir = Path(slide_dir)
+    summary = json.loads((slide_dir / "summary.json").read_text())
+    out = slide_dir / "report.html"
+    atomic_write_text(out, render_report_html(summary))
+    return out

@@ -1,0 +1,143 @@
+"""Per-slide outputs: ``DIR/<slide_id>/`` with cells.parquet, cells.geojson, summary.json, overlay.png
+and report.html — written into a temporary folder and renamed into place, so a killed run never
+leaves a half-written result.
+
+Sits at the end of the flow: :func:`cellclf.pipeline.run_slide.run_slide` returns a :class:`SlideResult`
+(arrays, no files); this module is the only place that turns it into files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from cellclf.outputs.atomic import atomic_write_json
+from cellclf.outputs.hpf import DEFAULT_HPF_AREA_MM2, density_per_mm2, peak_hpf
+from cellclf.outputs.slide_result import SlideResult
+
+
+def count_table(result: SlideResult) -> dict[str, dict[str, int]]:
+    """``{class: {accepted, review, total}}`` by predicted class."""
+    pred = result.pred
+    out = {}
+    for k, name in enumerate(result.classes):
+        is_k = pred == k
+        acc = int((is_k & result.accept).sum())
+        tot = int(is_k.sum())
+        out[name] = {"accepted": acc, "review": tot - acc, "total": tot}
+    return out
+
+
+def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
+                  hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2) -> dict:
+    counts = count_table(result)
+    pred = result.pred
+    per_mm2: dict[str, dict[str, float | None]] = {}
+    hotspots: dict[str, dict] = {}
+    for k, name in enumerate(result.classes):
+        per_mm2[name] = {
+            "accepted": density_per_mm2(counts[name]["accepted"], result.tissue_area_mm2),
+            "total": density_per_mm2(counts[name]["total"], result.tissue_area_mm2),
+        }
+        if name != "other":
+            hotspots[name] = peak_hpf(result.xy0[pred == k], result.mpp, hpf_area_mm2).to_dict()
+    reasons, reason_counts = np.unique(result.reason.astype(str), return_counts=True)
+    n = result.n_cells
+    return {
+        "slide_id": result.slide_id,
+        "slide": {"path": result.path, "mpp": result.mpp, "width": result.width,
+                  "height": result.height, "vendor": result.vendor},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "n_cells": n,
+        "counts": counts,
+        "tissue_area_mm2": result.tissue_area_mm2,
+        "per_mm2": per_mm2,
+        "hpf_area_mm2": hpf_area_mm2,
+        "peak_hpf": hotspots,
+        "gate": {
+            "automation_rate": float(result.accept.mean()) if n else None,
+            "reasons": {str(r): int(c) for r, c in zip(reasons, reason_counts, strict=True)},
+            "ood": result.ood,
+        },
+        "timings_s": result.timings_s,
+        "versions": versions,
+        "parameters": params,
+        "model_card": card,
+        **({"extra": result.extra} if result.extra else {}),
+    }
+
+
+def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    classes = result.classes
+    pred = result.pred
+    schema = pa.schema(
+        [("cell_id", pa.int64()), ("x", pa.float64()), ("y", pa.float64()), ("class", pa.string())]
+        + [(f"p_{c}", pa.float32()) for c in classes]
+        + [("decision", pa.string()), ("reason", pa.string()), ("conformal_set", pa.string())]
+    )
+    names = np.asarray(classes, dtype=object)
+    with pq.ParquetWriter(path, schema) as writer:
+        for s in range(0, max(result.n_cells, 1), batch):
+            sl = slice(s, min(s + batch, result.n_cells))
+            ids = np.arange(sl.start, sl.stop, dtype=np.int64)
+            conf_sets = ["|".join(names[row]) for row in result.conformal[sl]]
+            cols = [pa.array(ids), pa.array(result.xy0[sl, 0]), pa.array(result.xy0[sl, 1]),
+                    pa.array(names[pred[sl]].astype(str) if len(ids) else [], pa.string())]
+            cols += [pa.array(result.probs[sl, k].astype(np.float32)) for k in range(len(classes))]
+            cols += [pa.array(np.where(result.accept[sl], "accepted", "review").astype(str)),
+                     pa.array(result.reason[sl].astype(str)), pa.array(conf_sets, pa.string())]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+
+
+def write_cells_geojson(path: Path, result: SlideResult) -> int:
+    from cellclf.annotations.geojson import write_points
+
+    classes = result.classes
+    pred = result.pred
+
+    def features():
+        for i in range(result.n_cells):
+            name = classes[pred[i]]
+            props = {
+                "measurements": {f"p_{c}": float(result.probs[i, k]) for k, c in enumerate(classes)}
+                | {"cell_id": i},
+                "decision": "accepted" if result.accept[i] else "review",
+                "reason": str(result.reason[i]),
+            }
+            yield float(result.xy0[i, 0]), float(result.xy0[i, 1]), name, props
+
+    return write_points(path, features())
+
+
+def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: dict,
+                        versions: dict, hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2) -> Path:
+    """Write every output of one slide into ``out_dir/<slide_id>/`` atomically (temp dir + rename)."""
+    from cellclf.outputs.report import write_overlay, write_report
+
+    final = Path(out_dir) / result.slide_id
+    for stale in Path(out_dir).glob(f".tmp-{result.slide_id}-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(out_dir) / f".tmp-{result.slide_id}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="cellclf-write") as pool:  # pyarrow, zlib and
+        jobs = [pool.submit(write_cells_parquet, tmp / "cells.parquet", result),  # numpy work
+                pool.submit(write_cells_geojson, tmp / "cells.geojson", result)]  # overlaps
+        summary = build_summary(result, card, params, versions, hpf_area_mm2)
+        write_overlay(tmp / "overlay.png", result, summary)
+        for job in jobs:
+            job.result()
+    atomic_write_json(tmp / "summary.json", summary)
+    write_report(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
