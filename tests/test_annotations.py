@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellclf.annotations.crop_folder import fit_crop, read_crop_folder
+from cellclf.annotations.crop_folder import read_crop_folder
 from cellclf.annotations.labelled_data import (
     ClassMap,
     SlideEntry,
@@ -197,19 +197,7 @@ def test_crop_folder_reads_resizes_and_refuses(tmp_path: Path, caplog) -> None:
         f = read_crop_folder(tmp_path, cm, 64, 0.5, 0.5)
     assert f.crops.shape == (3, 64, 64, 3) and f.crops.dtype == np.uint8
     assert sorted(f.labels.tolist()) == [0, 2, 3]
-    assert f.resized == 1 and "rescaled" in caplog.text
+    assert f.resized == 1 and "mapped to 'other'" in caplog.text
     (tmp_path / "eosinophil" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(AnnotationError, match="broken.png: not a readable image"):
         read_crop_folder(tmp_path, cm, 64, 0.5, 0.5)
-
-
-def test_fit_crop_hand_computed() -> None:
-    img = np.full((8, 8, 3), 100, np.uint8)
-    # 8 px at 0.25 µm/px = 4 µm; at 0.5 µm/px that is 4 px, centred and padded white to 6
-    out = fit_crop(img, 0.25, 0.5, 6)
-    assert out.shape == (6, 6, 3)
-    assert (out[0] == 255).all() and (out[:, 0] == 255).all() and (out[5] == 255).all()
-    assert (out[1:5, 1:5] == 100).all()
-    # same mpp, bigger crop: centre-cropped
-    big = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
-    np.testing.assert_array_equal(fit_crop(big, 0.5, 0.5, 6), big[2:8, 2:8])

@@ -143,8 +143,9 @@ def test_cli_train_from_crop_folder(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     card = json.loads((out / "card.json").read_text())
     assert card["name"] == "cli-model" and card["training"]["config"]["data"]["crop_mpp"] == 0.25
-    # crops at 0.25 µm/px were rescaled to the model's 0.5: the bundle still says 0.5
-    assert card["mpp"] == 0.5
+    # train chose the crops' own field of view (64 px × 0.25 µm/px = 16 µm) for the model
+    assert card["mpp"] == 0.25 and card["field_um"] == 16.0
+    assert card["training"]["crop_folder"]["padding_share_mean"] == 0.0
     res = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out),
                                    "train.epohcs=1"])
     assert res.exit_code != 0 and "did you mean 'epochs'" in str(res.exception)

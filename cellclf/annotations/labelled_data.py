@@ -21,7 +21,7 @@ from cellclf.errors import AnnotationError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
               ".svslide", ".btf")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ANNOTATION_EXTS = (".geojson", ".json", ".csv")
 SPLITS = ("train", "val", "test")
 
@@ -326,7 +326,7 @@ def discover(data: str | Path) -> DataSource:
             return DataSource("manifest", path, tuple(read_manifest(path)))
         if path.suffix.lower() == ".csv":
             header, _ = _csv_rows(path)
-            if "x" in header and "y" in header:
+            if "x" in header or "y" in header:  # a points CSV (one missing column is an error)
                 slides = sorted(read_csv_points(path))
                 return DataSource("points_csv", path, tuple(SlideEntry(s, path) for s in slides))
             return DataSource("manifest", path, tuple(read_manifest(path)))

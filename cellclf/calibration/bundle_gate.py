@@ -38,11 +38,14 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
                      delta: float = 0.05, alpha_set: float = 0.1, workers: int = 0,
                      progress: bool = True, out: str | Path | None = None,
                      beta: float | None = DEFAULT_BETA,
-                     alpha_per_class: dict[str, float] | None = None) -> dict[str, Any]:
+                     alpha_per_class: dict[str, float] | None = None,
+                     crop_mpp: float | None = None,
+                     class_map: dict[str, str] | None = None) -> dict[str, Any]:
     """Fit temperature, gate, conformal sets and OOD guard on DATA; write them into card.json.
 
     ``beta`` is the gate's miss bound (None = off), ``alpha_per_class`` overrides α per class
-    (see :func:`cellclf.gate.thresholds.fit_gate`)."""
+    (see :func:`cellclf.gate.thresholds.fit_gate`). DATA may be a crop folder
+    (``DIR/<class>/*.png`` at ``crop_mpp`` µm/px; see :func:`calibrate_crops`)."""
     from cellclf.annotations.labelled_data import discover
     from cellclf.card import bundle_paths, load_card
     from cellclf.evaluation.evaluate import evaluate
@@ -60,6 +63,10 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
         raise CellclfError(f"per-class alpha names unknown classes {unknown}; {paths.root} has "
                            f"the classes {list(card.classes)}.")
     source = discover(data)
+    if source.kind == "crops":
+        return calibrate_crops(paths.root, card, data, crop_mpp=crop_mpp, class_map=class_map,
+                               alpha=alpha, delta=delta, alpha_set=alpha_set, out=out,
+                               beta=beta, alpha_per_class=alpha_per_class)
     overlap = sorted(training_slide_ids(card) & {e.slide_id for e in source.entries})
     if overlap:
         raise CellclfError(
@@ -98,6 +105,90 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
 
         prev = card_d.get("onnx", {})
         export_onnx(paths.root, opset=int(prev.get("opset", 18)))
+    summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
+               "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
+               "n_cells": int(len(labels))}
+    if out is not None:
+        atomic_write_json(Path(out) / "calibration.json", summary)
+    return summary
+
+
+def calibrate_crops(root: Path, card: Any, data: str | Path, *, crop_mpp: float | None,
+                    class_map: dict[str, str] | None, alpha: float, delta: float,
+                    alpha_set: float, out: str | Path | None, beta: float | None,
+                    alpha_per_class: dict[str, float] | None) -> dict[str, Any]:
+    """The crop-folder branch of :func:`calibrate_bundle`: every image is one calibration cell;
+    the stain/focus guard is fitted on random batches of the crops
+    (:func:`cellclf.evaluation.crops.fit_crop_ood`)."""
+    from cellclf.evaluation.crops import (
+        OOD_BATCH,
+        card_class_map,
+        crop_table,
+        fit_crop_ood,
+        folder_truth,
+        read_batch,
+    )
+    from cellclf.model.dataset import crop_group
+
+    card, batch = read_batch(root, data, crop_mpp, backend="torch")
+    overlap = sorted(training_slide_ids(card) & {crop_group(batch.root / f.rel)
+                                                 for f in batch.files})
+    if overlap:
+        raise CellclfError(
+            f"{data}: {len(overlap)} calibration crops (e.g. {overlap[:3]}) were used to train "
+            f"{root}: the gate's guarantee needs crops the model never saw. Use others.")
+    truth = folder_truth(batch.files, card_class_map(card, class_map), batch.root)
+    table = crop_table(batch, truth, card)
+    ood, n_batches = fit_crop_ood(batch.crops, card.mpp, str(batch.root))
+    return _fit_and_write(root, table, ood.to_dict() | {"unit": "crop batch",
+                                                        "batch_crops": OOD_BATCH,
+                                                        "n_batches": n_batches},
+                          {"data": str(data), "kind": "crops", "crop_mpp": crop_mpp,
+                           "n_images": len(batch.files)},
+                          alpha=alpha, delta=delta, alpha_set=alpha_set, out=out, beta=beta,
+                          alpha_per_class=alpha_per_class)
+
+
+def _fit_and_write(root: Path, table: Any, ood_d: dict[str, Any], calib: dict[str, Any], *,
+                   alpha: float, delta: float, alpha_set: float, out: str | Path | None,
+                   beta: float | None, alpha_per_class: dict[str, float] | None) -> dict[str, Any]:
+    """Temperature, gate and conformal sets from a calibration cell table; written with the OOD
+    guard into card.json (the model's ONNX graph re-exported if present)."""
+    from cellclf.card import bundle_paths, load_card
+    from cellclf.evaluation.gate_metrics import gated_rows
+    from cellclf.gate.conformal import fit_aps
+    from cellclf.gate.temperature import ece, fit_temperature, softmax
+    from cellclf.gate.thresholds import fit_gate
+    from cellclf.outputs.atomic import atomic_write_json
+
+    paths = bundle_paths(root)
+    card = load_card(root)
+    logits, labels = gated_rows(table)
+    if len(labels) == 0:
+        raise CellclfError(f"{calib['data']}: no cells to calibrate on")
+    classes = list(card.classes)
+    temperature = fit_temperature(logits, labels)
+    probs = softmax(logits, temperature)
+    gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
+                    alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
+    aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
+    card_d = json.loads(paths.card.read_text())
+    card_d.update(temperature=float(temperature), gate=gate.to_dict(), conformal=aps.to_dict(),
+                  ood=ood_d)
+    card_d["calibration"] = {
+        **calib, "n_cells": int(len(labels)),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
+        "alpha_set": alpha_set,
+        "assumption": "the guarantee holds for cells exchangeable with these calibration cells "
+                      "(same lab, stain, scanner, cell population); the stain/focus guard sends "
+                      "batches whose stain or focus falls far outside them to review"}
+    atomic_write_json(paths.card, card_d)
+    load_card(paths.root)  # validate what we wrote
+    if paths.onnx.is_file():
+        from cellclf.model.onnx_export import export_onnx
+
+        export_onnx(paths.root, opset=int(card_d.get("onnx", {}).get("opset", 18)))
     summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
                "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
                "n_cells": int(len(labels))}

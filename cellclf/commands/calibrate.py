@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
     def calibrate(
         bundle: Path = typer.Argument(..., help="Model bundle directory."),
         data: Path = typer.Option(..., "--data", "-d",
-                                  help="Calibration slides with truth (folder or manifest) the "
-                                       "model never saw in training."),
+                                  help="Calibration slides with truth (folder or manifest), or "
+                                       "a labelled crop folder with --mpp, the model never saw "
+                                       "in training."),
         alpha: float = typer.Option(0.01, help="Maximum error rate among auto-accepted cells, per class."),
         alpha_class: list[str] = typer.Option(
             [], "--alpha-class", metavar="CLASS=VALUE", help="Per-class α override CLASS=VALUE (repeatable), "
@@ -42,6 +43,11 @@ def register(app: typer.Typer) -> None:
         alpha_set: float = typer.Option(0.1, "--alpha-set",
                                         help="Miscoverage of the reviewer's conformal label sets."),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        mpp: float = typer.Option(None, "--mpp", help="µm per pixel of a calibration crop "
+                                                      "folder's images (DIR/<class>/*.png)."),
+        class_map: list[str] = typer.Option(
+            [], "--class-map", metavar="FOLDER=CLASS",
+            help="Crop folders: map a class folder to a model class (repeatable)."),
     ) -> None:
         """Fit the temperature and the risk-controlled per-class thresholds (error bound per class,
         miss bound per target class) on calibration slides and store them in card.json
@@ -50,10 +56,12 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from cellclf.calibration.bundle_gate import calibrate_bundle
+        from cellclf.commands.train import parse_pairs
 
         s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
                              workers=workers, beta=beta if beta > 0 else None,
-                             alpha_per_class=_alpha_overrides(alpha_class))
+                             alpha_per_class=_alpha_overrides(alpha_class), crop_mpp=mpp,
+                             class_map=parse_pairs(class_map, "--class-map"))
         gate = s["gate"]
         console = Console()
         console.print(f"temperature {s['temperature']:.3f}; ECE {s['ece_before']:.4f} → "

@@ -8,6 +8,18 @@ from pathlib import Path
 import typer
 
 
+def parse_pairs(items: list[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` strings → {name: value}; a clear error for anything else."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise typer.BadParameter(f"'{item}': write NAME=CLASS, e.g. lymphocyte=other",
+                                     param_hint=option)
+        out[name.strip()] = value.strip()
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
@@ -27,6 +39,9 @@ def register(app: typer.Typer) -> None:
                                        help="CSV coordinates are in µm, not level-0 pixels."),
         cache: Path = typer.Option(None, "--cache",
                                    help="Crop cache folder (default DATA/.cellclf-cache)."),
+        init: Path = typer.Option(None, "--init",
+                                  help="Start from this bundle's weights (train.init); a new "
+                                       "classification head when its classes differ."),
     ) -> None:
         """Train a cell classifier and write a bundle (card.json + model.pt + model.ckpt).
 
@@ -41,6 +56,8 @@ def register(app: typer.Typer) -> None:
             extra.append(f"data.crop_mpp={mpp}")
         if coords_um:
             extra.append("data.coords=um")
+        if init is not None:
+            extra.append(f"train.init={init}")
         cfg = load_config(config, extra)
         bundle = fit(cfg, data, out, cache_dir=cache)
         typer.echo(f"wrote bundle {bundle}")
@@ -50,7 +67,13 @@ def register(app: typer.Typer) -> None:
         bundle: Path = typer.Argument(..., help="Model bundle directory (card.json + model.pt)."),
         data: Path = typer.Option(..., "--data", "-d",
                                   help="Slides with truth: a folder of slide + same-stem "
-                                       ".geojson pairs, or a manifest."),
+                                       ".geojson pairs, or a manifest; or a labelled crop "
+                                       "folder DIR/<class>/*.png with --mpp."),
+        mpp: float = typer.Option(None, "--mpp", help="µm per pixel of a crop folder's images."),
+        class_map: list[str] = typer.Option(
+            [], "--class-map", metavar="FOLDER=CLASS",
+            help="Crop folders: map a class folder to a model class (repeatable), e.g. "
+                 "--class-map lymphocyte=other."),
         out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, "
                                                           "confusion.png, report.md, cells.parquet."),
         match_um: float = typer.Option(4.0, help="Matching radius between candidates and truth."),
@@ -63,6 +86,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
+        from cellclf.annotations.labelled_data import discover
+
+        if discover(data).kind == "crops":
+            from cellclf.evaluation.crops import evaluate_crops
+
+            _, metrics = evaluate_crops(bundle, data, out, crop_mpp=mpp,
+                                        class_map=parse_pairs(class_map, "--class-map"),
+                                        precision=precision)
+            typer.echo(f"balanced accuracy {metrics['balanced_accuracy']:.3f} on "
+                       f"{metrics['n_images']} crops; {metrics['ood']['message']}")
+            typer.echo(f"wrote {out / 'metrics.json'}, confusion.png, report.md")
+            return
         from cellclf.evaluation.evaluate import evaluate as run
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,

@@ -24,8 +24,9 @@ RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
-def cpu_transform(cfg: AugmentConfig) -> Any:
-    """An albumentations Compose for uint8 HWC crops, or None when augmentation is off."""
+def cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> Any:
+    """An albumentations Compose for uint8 HWC crops (seeded: the same seed, the same
+    augmentations), or None when augmentation is off."""
     if not cfg.enabled or cfg.gpu_augment:
         return None
     import albumentations as A
@@ -43,7 +44,7 @@ def cpu_transform(cfg: AugmentConfig) -> Any:
         ops.append(A.GaussianBlur(sigma_limit=(0.3, 1.0), p=cfg.blur_p))
     if cfg.jpeg_p > 0:
         ops.append(A.ImageCompression(quality_range=tuple(cfg.jpeg_quality), p=cfg.jpeg_p))
-    return A.Compose(ops) if ops else None
+    return A.Compose(ops, seed=seed) if ops else None
 
 
 def apply_cpu(transform: Any, crop: np.ndarray) -> np.ndarray:

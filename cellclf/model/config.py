@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -40,6 +42,8 @@ class DataConfig:
     max_other_ratio: float = 0.0  # train: keep ≤ ratio × target crops of "other" per slide (0=all)
     coords: str = "px"  # CSV coordinate unit: "px" (level-0) or "um"
     crop_mpp: float | None = None  # µm/px of a crop-folder's images (required for crop folders)
+    crop_um: float | None = None  # crop folders: model field of view in µm (None = the crops'
+    #   own field; 0 = keep work_mpp × crop_px); work_mpp becomes crop_um / crop_px
     val_fraction: float = 0.2  # share of slides for validation when no manifest split is given
     test_fraction: float = 0.0  # share of slides held out for testing
     split_seed: int = 0
@@ -58,6 +62,7 @@ class ModelConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     stain: str = "H&E"
     description: str = ""
+    norm: str = "batch"  # normalisation layers: "batch" (BatchNorm) or "group" (GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,9 @@ class TrainConfig:
     """Optimisation and the Lightning trainer."""
 
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 0  # 0 = automatic: scales with the training set (16…256)
+    min_steps: int = 400  # optimiser steps before early stopping may fire (epochs extended)
+    init: str = ""  # bundle whose weights start the training (a new head if classes differ)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
@@ -91,7 +98,8 @@ class TrainConfig:
     devices: Any = "auto"  # int, list or "auto"
     strategy: str = "auto"  # e.g. "ddp" for several GPUs
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = -1  # DataLoader worker processes (-1 = automatic from the CPU count)
+    deterministic: bool = True  # same seed, same metrics (CPU); warn-only on CUDA
     save_ckpt: bool = True  # copy the best Lightning checkpoint into the bundle as model.ckpt
     limit_train_batches: float = 1.0
     log_every_n_steps: int = 10
@@ -218,8 +226,19 @@ def _validate(cfg: Config, source: str) -> Config:
         raise ConfigError(f"{source}: data.val_fraction and data.test_fraction must be in [0, 1)")
     if cfg.train.balance not in ("sampler", "loss", "none"):
         raise ConfigError(f"{source}: train.balance must be 'sampler', 'loss' or 'none'")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ConfigError(f"{source}: train.epochs and train.batch_size must be ≥ 1")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 0 or cfg.train.min_steps < 0:
+        raise ConfigError(f"{source}: train.epochs must be ≥ 1, train.batch_size ≥ 0 (0 = "
+                          "automatic) and train.min_steps ≥ 0")
+    if cfg.train.num_workers < -1:
+        raise ConfigError(f"{source}: train.num_workers must be ≥ 0, or -1 for automatic")
+    if d.crop_mpp is not None and not (math.isfinite(d.crop_mpp) and d.crop_mpp > 0):
+        raise ConfigError(f"{source}: data.crop_mpp (--mpp) must be the crops' µm per pixel, a "
+                          f"positive number, got {d.crop_mpp:g}")
+    if d.crop_um is not None and not (math.isfinite(d.crop_um) and d.crop_um >= 0):
+        raise ConfigError(f"{source}: data.crop_um must be ≥ 0 µm (0 = keep work_mpp × crop_px)")
+    if cfg.model.norm not in ("batch", "group"):
+        raise ConfigError(f"{source}: model.norm must be 'batch' or 'group', got "
+                          f"'{cfg.model.norm}'")
     return cfg
 
 
@@ -283,3 +302,22 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     return config_from_dict(data, overrides, source=str(p))
+
+
+def auto_batch_size(n_train: int, configured: int = 0) -> int:
+    """``configured`` if > 0, else a power of two near n/40 within 16…256, so that even a few
+    hundred crops give a dozen optimiser steps per epoch."""
+    if configured > 0:
+        return configured
+    target = max(16, min(256, n_train // 40))
+    return 1 << int(round(math.log2(target)))
+
+
+def auto_num_workers(configured: int = -1, cpus: int | None = None) -> int:
+    """``configured`` if ≥ 0, else worker processes the machine can feed: none on ≤ 2 cores
+    (the main process already uses them), else cores − 2, at most 8."""
+    if configured >= 0:
+        return configured
+    n = cpus if cpus is not None else (len(os.sched_getaffinity(0))
+                                       if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return 0 if n <= 2 else min(8, n - 2)

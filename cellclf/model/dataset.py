@@ -86,11 +86,12 @@ class Datasets:
     slides: dict[str, list[str]] = field(default_factory=dict)  # split -> slide ids
     cache_hits: int = 0
     cache_misses: int = 0
+    crop_folder: dict = field(default_factory=dict)  # crop folders: field of view, padding, …
 
     def summary(self) -> dict:
         return {"counts": {s: cs.counts(self.classes) for s, cs in self.splits.items()},
                 "slides": self.slides, "cache_hits": self.cache_hits,
-                "cache_misses": self.cache_misses}
+                "cache_misses": self.cache_misses, "crop_folder": self.crop_folder}
 
 
 # ---------------------------------------------------------------- splits (pure)
@@ -323,17 +324,51 @@ def build_datasets(source: DataSource, cfg, cache_dir: Path | None = None,
     return Datasets(splits, cmap.classes, slides, hits, misses)
 
 
+def crop_folder_field(cfg, root: Path):
+    """The config with the model's field of view chosen for a crop folder: ``data.crop_um``
+    (None = the crops' own field, median shorter side × crop_mpp) over ``crop_px`` pixels, so a
+    crop-trained model sees whole crops, not a white-padded corner of them. ``crop_um`` 0 keeps
+    ``work_mpp``."""
+    import dataclasses
+
+    from cellclf.annotations.crop_folder import check_crop_mpp, field_um, list_crop_files
+
+    d = cfg.data
+    crop_mpp = check_crop_mpp(d.crop_mpp, root, d.work_mpp)
+    if d.crop_um == 0:
+        return cfg
+    um = d.crop_um if d.crop_um is not None else field_um(root, list_crop_files(root), crop_mpp)
+    work_mpp = round(um / d.crop_px, 6)
+    log.info("%s: field of view %.1f µm → the model works at %.4g µm/px over %d px", root, um,
+             work_mpp, d.crop_px)
+    return cfg.replace(data=dataclasses.replace(d, work_mpp=work_mpp, crop_um=float(um)))
+
+
+def stratified_groups(groups: np.ndarray, labels: np.ndarray, val_fraction: float,
+                      test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Split crop-file groups train/val/test per class (a group's class: its first crop's)."""
+    first: dict[str, int] = {}
+    for g, y in zip(groups, labels, strict=True):
+        first.setdefault(g, int(y))
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for y in sorted(set(first.values())):
+        names = sorted(g for g, c in first.items() if c == y)
+        parts = split_entries([SlideEntry(Path(g), None) for g in names], val_fraction,
+                              test_fraction, seed + y)
+        for split, entries in parts.items():
+            out[split] += [e.slide.name for e in entries]
+    return out
+
+
 def _crop_folder_datasets(root: Path, cfg, cmap: ClassMap) -> Datasets:
     d = cfg.data
     folder = read_crop_folder(root, cmap, d.crop_px, d.work_mpp, d.crop_mpp)
     groups = np.array([crop_group(f) for f in folder.files], dtype=object)
-    uniq = sorted(set(groups))
-    fake = [SlideEntry(Path(g), None) for g in uniq]
-    parts = split_entries(fake, d.val_fraction, d.test_fraction, d.split_seed)
+    parts = stratified_groups(groups, folder.labels, d.val_fraction, d.test_fraction,
+                              d.split_seed)
     splits, slides = {}, {}
     n = len(folder.labels)
-    for split, entries in parts.items():
-        names = [e.slide.name for e in entries]
+    for split, names in parts.items():
         idx = np.flatnonzero(np.isin(groups, names))
         splits[split] = CropSet(folder.crops[idx], folder.labels[idx], groups[idx],
                                 np.full((len(idx), 2), np.nan), np.full(len(idx), KIND_CROP_FILE,
@@ -341,4 +376,9 @@ def _crop_folder_datasets(root: Path, cfg, cmap: ClassMap) -> Datasets:
                                 np.zeros(len(idx), bool))
         slides[split] = names
     assert sum(len(s) for s in splits.values()) == n
-    return Datasets(splits, cmap.classes, slides)
+    info = {"crop_mpp": d.crop_mpp, "field_um": round(d.crop_px * d.work_mpp, 3),
+            "work_mpp": d.work_mpp, "crop_px": d.crop_px, "n_crops": n,
+            "resampled": folder.resized, "padding_share_mean": round(float(folder.pad_share.mean()), 4),
+            "cropped_short": int((folder.pad_share > 0).sum()),
+            "folders_mapped_to_other": folder.mapped_to_other}
+    return Datasets(splits, cmap.classes, slides, crop_folder=info)

@@ -9,6 +9,7 @@ has K outputs. ``train.py`` builds it; ``save_bundle``/``load_bundle`` write and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,25 @@ class Preprocess(nn.Module):
         return x * self.scale + self.shift
 
 
-def build_backbone(name: str, num_classes: int) -> nn.Module:
-    """A torchvision classification model with random weights and ``num_classes`` outputs."""
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of ≥ 4 channels: per-sample statistics, so a batch from
+    another lab or scanner is normalised by itself, not by the training set's running means."""
+    groups = math.gcd(channels, 32)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+def build_backbone(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
+    """A torchvision classification model with random weights and ``num_classes`` outputs;
+    ``norm="group"`` swaps its BatchNorm layers for :func:`group_norm`."""
     import torchvision
 
+    kw: dict[str, Any] = {} if norm == "batch" else {"norm_layer": group_norm}
+    if norm not in ("batch", "group"):
+        raise ConfigError(f"model.norm must be 'batch' or 'group', got {norm!r}")
     try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     except (ValueError, KeyError) as exc:
         known = [m for m in torchvision.models.list_models(module=torchvision.models)]
         import difflib
@@ -53,18 +67,23 @@ def build_backbone(name: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"unknown backbone '{name}' (model.backbone); try one of "
                           f"{near or ['resnet18', 'mobilenet_v3_small', 'regnet_y_400mf']}") \
             from exc
+    except TypeError as exc:
+        raise ConfigError(f"backbone '{name}' cannot take model.norm={norm} ({exc}); use "
+                          "model.norm=batch or a resnet/regnet/mobilenet backbone") from exc
 
 
 class CellClassifier(nn.Module):
     """Preprocess + backbone. ``forward(uint8 N×H×W×3) → logits (N, K)``."""
 
     def __init__(self, backbone: str, num_classes: int, mean: Sequence[float],
-                 std: Sequence[float]):
+                 std: Sequence[float], norm: str = "batch"):
         super().__init__()
         self.arch = {"backbone": backbone, "num_classes": int(num_classes),
                      "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+        if norm != "batch":  # old bundles have no "norm": BatchNorm
+            self.arch["norm"] = norm
         self.preprocess = Preprocess(mean, std)
-        self.backbone = build_backbone(backbone, num_classes)
+        self.backbone = build_backbone(backbone, num_classes, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.preprocess(x))
@@ -80,7 +99,7 @@ def build_model(card: Card) -> CellClassifier:
     if not backbone:
         raise BundleError(f"card '{card.name}' has no architecture.backbone; retrain the bundle")
     return CellClassifier(backbone, card.num_classes, card.normalization["mean"],
-                          card.normalization["std"])
+                          card.normalization["std"], card.architecture.get("norm", "batch"))
 
 
 def save_bundle(model: CellClassifier, card: Card, out_dir: str | Path,
@@ -128,7 +147,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
             int(arch["num_classes"]) != card.num_classes:
         raise BundleError(f"{weights}: the weights output {arch['num_classes']} classes "
                           f"but the card lists {list(card.classes)}; card and weights differ")
-    model = CellClassifier(arch["backbone"], arch["num_classes"], arch["mean"], arch["std"])
+    model = CellClassifier(arch["backbone"], arch["num_classes"], arch["mean"], arch["std"],
+                           arch.get("norm", "batch"))
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in payload["state_dict"].items()})
@@ -157,3 +177,37 @@ def predict_logits(model: nn.Module, crops_uint8: np.ndarray, batch: int = 256,
         return np.concatenate(out)
     k = getattr(model, "arch", {}).get("num_classes", 0)
     return np.zeros((0, k), dtype=np.float32)
+
+
+def head_module(model: nn.Module) -> nn.Linear:
+    """The last linear layer of a network (its classification head)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("the backbone has no linear classification layer to replace")
+    return linears[-1]
+
+
+def init_from_bundle(model: CellClassifier, bundle: str | Path,
+                     classes: Sequence[str]) -> dict[str, Any]:
+    """Copy a bundle's weights into ``model`` (same backbone and normalisation layers). The head
+    is copied only when the bundle has the same classes in the same order, else it stays new.
+    Returns what was done (for the card)."""
+    src, card = load_bundle(bundle)
+    if src.arch["backbone"] != model.arch["backbone"] or \
+            src.arch.get("norm", "batch") != model.arch.get("norm", "batch"):
+        raise ConfigError(f"--init {bundle}: its network is {src.arch['backbone']} with "
+                          f"{src.arch.get('norm', 'batch')} norm, the config asks for "
+                          f"{model.arch['backbone']} with {model.arch.get('norm', 'batch')} norm; "
+                          f"set model.backbone={src.arch['backbone']} "
+                          f"model.norm={src.arch.get('norm', 'batch')}")
+    same_classes = list(card.classes) == list(classes)
+    head = {id(p) for p in head_module(model).parameters()}
+    head_names = {n for n, p in model.named_parameters() if id(p) in head}
+    state = src.state_dict()
+    keep = {k: v for k, v in state.items()
+            if not k.startswith("preprocess.") and (same_classes or k not in head_names)}
+    missing, _ = model.load_state_dict(keep, strict=False)
+    missing = [k for k in missing if not k.startswith("preprocess.")]
+    return {"bundle": str(bundle), "name": card.name, "version": card.version,
+            "sha256": card.sha256, "classes": list(card.classes),
+            "new_head": not same_classes, "not_copied": missing}

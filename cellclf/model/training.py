@@ -10,6 +10,7 @@ config, early stopping on validation macro-F1 over the target classes), and writ
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
-from cellclf.card import SYNTHETIC_NOTICE, Card
+from cellclf.card import SYNTHETIC_NOTICE, Card, load_card
 from cellclf.evaluation.evaluate import metrics_from_confusion
 from cellclf.model.augment import apply_cpu, cpu_transform, gpu_augment
-from cellclf.model.config import Config
-from cellclf.model.dataset import CropSet, Datasets, build_datasets
-from cellclf.model.network import CellClassifier, predict_logits, save_bundle
+from cellclf.model.config import Config, auto_batch_size, auto_num_workers
+from cellclf.model.dataset import CropSet, Datasets, build_datasets, crop_folder_field
+from cellclf.model.network import CellClassifier, init_from_bundle, predict_logits, save_bundle
 from cellclf.versions import TRAINING_PACKAGES, software_versions
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class CellDataModule(L.LightningDataModule):
                               "persistent_workers": t.num_workers > 0}
         if not train:
             return DataLoader(CropDataset(cs.crops, cs.labels), shuffle=False, **kw)
-        transform = cpu_transform(self.cfg.augment)
+        transform = cpu_transform(self.cfg.augment, seed=t.seed)
         gen = torch.Generator().manual_seed(t.seed)
         drop_last = len(cs) > t.batch_size
         if t.balance == "sampler":
@@ -113,10 +114,10 @@ class CellLitModule(L.LightningModule):
     def __init__(self, backbone: str, classes: list[str], mean: list[float], std: list[float],
                  other_class: str = "other", lr: float = 1e-3, weight_decay: float = 1e-4,
                  loss_weights: list[float] | None = None, label_smoothing: float = 0.0,
-                 gpu_augment: bool = False, gpu_hed_sigma: float = 0.03):
+                 gpu_augment: bool = False, gpu_hed_sigma: float = 0.03, norm: str = "batch"):
         super().__init__()
         self.save_hyperparameters()
-        self.model = CellClassifier(backbone, len(classes), mean, std)
+        self.model = CellClassifier(backbone, len(classes), mean, std, norm)
         w = torch.as_tensor(loss_weights, dtype=torch.float32) if loss_weights else None
         self.loss = nn.CrossEntropyLoss(weight=w, label_smoothing=label_smoothing)
         self.targets = [i for i, c in enumerate(classes) if c != other_class]
@@ -201,6 +202,46 @@ def eval_split(model: CellClassifier, cs: CropSet, classes: list[str], other: st
     return classification_metrics(cs.labels, pred, classes, other)
 
 
+def scale_to_data(cfg: Config, n_train: int) -> tuple[Config, dict[str, Any]]:
+    """Resolve the automatic batch size and worker count, and stretch the epochs so that
+    training takes at least ``train.min_steps`` optimiser steps (early stopping cannot fire
+    before them). Returns (config as run, schedule for the card)."""
+    import dataclasses
+
+    t = cfg.train
+    batch = auto_batch_size(n_train, t.batch_size)
+    workers = auto_num_workers(t.num_workers)
+    steps = n_train // batch if n_train > batch else 1  # the train loader drops a last partial
+    if t.limit_train_batches < 1:
+        steps = max(1, int(steps * t.limit_train_batches))
+    epochs = max(t.epochs, math.ceil(t.min_steps / steps))
+    if epochs > t.epochs:
+        log.info("%d training crops in batches of %d = %d steps per epoch: %d epochs to reach "
+                 "train.min_steps = %d", n_train, batch, steps, epochs, t.min_steps)
+    cfg = cfg.replace(train=dataclasses.replace(t, batch_size=batch, num_workers=workers))
+    return cfg, {"batch_size": batch, "steps_per_epoch": steps, "max_epochs": epochs,
+                 "min_steps": min(t.min_steps, steps * epochs), "num_workers": workers,
+                 "configured_epochs": t.epochs}
+
+
+def adopt_init_network(cfg: Config) -> Config:
+    """Take backbone, normalisation layers and input normalisation from the ``--init`` bundle
+    (its weights only fit that network), saying so when the config asked for another."""
+    import dataclasses
+
+    init = load_card(cfg.train.init)
+    arch = init.architecture
+    want = {"backbone": arch.get("backbone", cfg.model.backbone),
+            "norm": arch.get("norm", "batch"),
+            "mean": tuple(float(v) for v in init.normalization["mean"]),
+            "std": tuple(float(v) for v in init.normalization["std"])}
+    changed = {k: v for k, v in want.items() if getattr(cfg.model, k) != v}
+    if changed:
+        log.warning("--init %s: using its network %s (config had %s)", cfg.train.init, changed,
+                    {k: getattr(cfg.model, k) for k in changed})
+    return cfg.replace(model=dataclasses.replace(cfg.model, **want))
+
+
 def _short(ids: list[str], n: int = 50) -> list[str] | dict[str, Any]:
     return ids if len(ids) <= n else {"n": len(ids), "first": ids[:n]}
 
@@ -222,11 +263,16 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
     progress = cfg.train.progress if progress is None else progress
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     source = discover(data)
+    if cfg.train.init:
+        cfg = adopt_init_network(cfg)
+    if source.kind == "crops":
+        cfg = crop_folder_field(cfg, source.path)
     ds = build_datasets(source, cfg, Path(cache_dir) if cache_dir else None, progress=progress)
     classes, other = list(ds.classes), cfg.data.other_class
     train_cs, val_cs = ds.splits["train"], ds.splits["val"]
     if len(train_cs) == 0:
         raise AnnotationError(f"{data}: no training crops (check the annotations and splits)")
+    cfg, schedule = scale_to_data(cfg, len(train_cs))
     missing = [c for c, n in train_cs.counts(classes).items() if n == 0]
     if missing:
         log.warning("no training examples of %s: the model cannot learn them", missing)
@@ -236,10 +282,13 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
     m = cfg.model
     lw = class_weights(train_cs.labels, len(classes)).tolist() if cfg.train.balance == "loss" \
         else None
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = CellLitModule(m.backbone, classes, list(m.mean), list(m.std), other,
                            cfg.train.lr, cfg.train.weight_decay, lw, cfg.train.label_smoothing,
                            cfg.augment.enabled and cfg.augment.gpu_augment,
-                           cfg.augment.gpu_hed_sigma)
+                           cfg.augment.gpu_hed_sigma, m.norm)
+    init_info = init_from_bundle(module.model, cfg.train.init, classes) if cfg.train.init \
+        else None
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", save_top_k=1,
                            monitor="val_macro_f1" if has_val else None, mode="max",
                            save_last=False)
@@ -248,11 +297,14 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
         callbacks.append(EarlyStopping("val_macro_f1", mode="max", patience=cfg.train.patience))
     if progress:
         callbacks.append(RichProgressBar())
+    cpu = _precision(cfg) == "32-true" and not torch.cuda.is_available()
     trainer = L.Trainer(
-        max_epochs=cfg.train.epochs, accelerator=cfg.train.accelerator,
+        max_epochs=schedule["max_epochs"], min_steps=schedule["min_steps"],
+        accelerator=cfg.train.accelerator,
         devices=cfg.train.devices, strategy=cfg.train.strategy, precision=_precision(cfg),
         callbacks=callbacks, logger=_loggers(out), default_root_dir=out,
-        enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
+        enable_progress_bar=progress, enable_model_summary=False,
+        deterministic=(True if cpu else "warn") if cfg.train.deterministic else False,
         limit_train_batches=cfg.train.limit_train_batches,
         limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0,
         log_every_n_steps=cfg.train.log_every_n_steps)
@@ -269,13 +321,16 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
         "data": str(data), "data_kind": source.kind, "counts": summary["counts"],
         "slides": {s: _short(v) for s, v in summary["slides"].items()},
         "crop_cache": {"hits": summary["cache_hits"], "misses": summary["cache_misses"]},
-        "epochs": trainer.current_epoch, "max_epochs": cfg.train.epochs,
+        "epochs": trainer.current_epoch, "max_epochs": schedule["max_epochs"],
+        "optimizer_steps": int(trainer.global_step), "schedule": schedule, "init": init_info,
         "best_epoch_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
         else None,
         "seed": cfg.train.seed, "config": cfg.to_dict(), "software": software_versions(TRAINING_PACKAGES),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "precision": _precision(cfg), "seconds": round(time.time() - t0, 1),
     }
+    if ds.crop_folder:
+        training["crop_folder"] = ds.crop_folder
     card = Card(
         name=m.name, version=m.version, classes=tuple(classes), crop_px=cfg.data.crop_px,
         mpp=cfg.data.work_mpp, stain=m.stain, normalization={"mean": list(m.mean),
@@ -284,6 +339,7 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
         metrics={k: v for k, v in metrics.items() if v is not None}, other_class=other,
         description=m.description or notice,
         intended_use=notice or "Research use; calibrate (cellclf calibrate) before gating.",
+        extra={"field_um": round(cfg.data.crop_px * cfg.data.work_mpp, 4)},
     )
     save_bundle(model, card, out, weights_dtype=weights_dtype)
     if cfg.train.save_ckpt and ckpt.best_model_path:
