@@ -151,6 +151,7 @@ def check_batch_ood(crops: np.ndarray, card: Any, source: str) -> dict[str, Any]
     flagged, reasons = is_ood(stats, params)
     unit = "calibration crop batches" if ood_d.get("unit") == "crop batch" \
         else "calibration slides"
+    reasons = [r.replace("the calibration slides", f"the {unit}") for r in reasons]
     msg = (f"these {len(crops)} crops look unlike the {unit} in stain or focus "
            f"({'; '.join(reasons)}): the gate's guarantee does not hold for them, so every cell "
            "goes to review. Calibrate the model on crops from this lab/scanner to automate them."

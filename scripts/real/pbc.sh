@@ -37,11 +37,12 @@ t1=$(date +%s)
   --delta 0.05 --beta 0
 t2=$(date +%s)
 "$PY" -m cellclf.cli evaluate "$OUT/bundle" -d "$OUT/split/test" --mpp 0.1 -o "$OUT/eval-test"
-# another "source": the test crops with a stain and focus shift (scripts/real/shift_crops.py)
-"$PY" scripts/real/shift_crops.py "$OUT/split/test" "$OUT/test-shifted"
-"$PY" -m cellclf.cli evaluate "$OUT/bundle" -d "$OUT/test-shifted" --mpp 0.1 \
-  -o "$OUT/eval-shifted"
-"$PY" -m cellclf.cli classify "$OUT/test-shifted" --model "$OUT/bundle" --mpp 0.1 \
-  -o "$OUT/classify-shifted"
+# another "source": the test crops with a mild and a strong stain + focus shift
+for k in mild strong; do
+  "$PY" scripts/real/shift_crops.py "$OUT/split/test" "$OUT/test-$k" --strength $k
+  "$PY" -m cellclf.cli evaluate "$OUT/bundle" -d "$OUT/test-$k" --mpp 0.1 -o "$OUT/eval-$k"
+  "$PY" -m cellclf.cli classify "$OUT/test-$k" --model "$OUT/bundle" --mpp 0.1 \
+    -o "$OUT/classify-$k"
+done
 t3=$(date +%s)
 "$PY" scripts/real/pbc_table.py "$OUT" --seconds "$((t1 - t0))" "$((t2 - t1))" "$((t3 - t2))"
