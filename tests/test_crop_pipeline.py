@@ -164,3 +164,19 @@ def test_group_norm_backbone_round_trips(tmp_path: Path) -> None:
     assert card.architecture["norm"] == "group"
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(predict_logits(loaded, x), predict_logits(m, x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fit_with_init_adopts_the_network_and_starts_a_new_head(tmp_path: Path) -> None:
+    from cellclf.card import Card, load_card
+
+    torch.manual_seed(0)
+    src = CellClassifier("mobilenet_v3_small", 4, [0.5] * 3, [0.25] * 3)
+    save_bundle(src, Card(name="start", classes=("a", "b", "c", "other")), tmp_path / "start")
+    out = _train(tmp_path, "tuned", ["train.epochs=1", f"train.init={tmp_path / 'start'}"])
+    card = load_card(out)
+    init = card.training["init"]
+    assert init["name"] == "start" and init["new_head"]
+    assert set(init["not_copied"]) == {"backbone.classifier.3.weight", "backbone.classifier.3.bias"}
+    assert card.architecture["backbone"] == "mobilenet_v3_small"  # the config said resnet18
+    assert card.normalization == {"mean": [0.5] * 3, "std": [0.25] * 3}

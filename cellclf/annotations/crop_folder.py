@@ -46,10 +46,10 @@ class CropFolder:
 
 def check_crop_mpp(crop_mpp: float | None, root: Path | str, work_mpp: float | None = None) -> float:
     """The crops' µm/px, or AnnotationError saying how to give it (None, ≤ 0, NaN refused)."""
-    hint = f" (the model works at {work_mpp:g})" if work_mpp else ""
+    hint = f"; the model works at {work_mpp:g}" if work_mpp else ""
     if crop_mpp is None:
         raise AnnotationError(f"{root}: a crop folder needs the crops' pixel size: pass --mpp "
-                              f"(µm per pixel of the images{hint}) or data.crop_mpp=…")
+                              f"(µm per pixel of the images{hint})")
     if not (isinstance(crop_mpp, int | float) and math.isfinite(crop_mpp) and crop_mpp > 0):
         raise AnnotationError(f"{root}: --mpp {crop_mpp} is not a pixel size; give the crops' "
                               f"µm per pixel as a positive number, e.g. --mpp 0.25{hint}")
