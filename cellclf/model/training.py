@@ -233,8 +233,8 @@ def adopt_init_network(cfg: Config) -> Config:
     arch = init.architecture
     want = {"backbone": arch.get("backbone", cfg.model.backbone),
             "norm": arch.get("norm", "batch"),
-            "mean": tuple(float(v) for v in init.normalization["mean"]),
-            "std": tuple(float(v) for v in init.normalization["std"])}
+            "mean": tuple(float(v) for v in arch.get("mean", init.normalization["mean"])),
+            "std": tuple(float(v) for v in arch.get("std", init.normalization["std"]))}
     changed = {k: v for k, v in want.items() if getattr(cfg.model, k) != v}
     if changed:
         log.warning("--init %s: using its network %s (config had %s)", cfg.train.init, changed,
