@@ -88,7 +88,7 @@ def _empty() -> np.ndarray:
     return np.zeros(0, CELL_DTYPE)
 
 
-def _new_cells(rng: np.random.Generator, code: int, x: np.ndarray, y: np.ndarray,
+def new_cells(rng: np.random.Generator, code: int, x: np.ndarray, y: np.ndarray,
                angle: np.ndarray | None = None, diam: np.ndarray | None = None) -> np.ndarray:
     n = len(x)
     c = np.zeros(n, CELL_DTYPE)
@@ -116,11 +116,11 @@ def _vessels(rng: np.random.Generator, layout: SlideLayout, box, area_mm2: float
         k = max(1, int(round(rng.uniform(0.4, 0.9) * r * r / 3.5 ** 2)))
         rad = (r - 3.2) * np.sqrt(rng.random(k))
         phi = rng.uniform(0, 2 * np.pi, k)
-        out.append(_new_cells(rng, RBC, cx + rad * np.cos(phi), cy + rad * np.sin(phi)))
+        out.append(new_cells(rng, RBC, cx + rad * np.cos(phi), cy + rad * np.sin(phi)))
         m = max(3, int(round(2 * np.pi * r / 12.0)))
         phi = rng.uniform(0, 2 * np.pi) + np.arange(m) * 2 * np.pi / m
         ring = r + 1.6
-        endo = _new_cells(rng, FIB, cx + ring * np.cos(phi), cy + ring * np.sin(phi),
+        endo = new_cells(rng, FIB, cx + ring * np.cos(phi), cy + ring * np.sin(phi),
                           angle=phi + np.pi / 2, diam=rng.uniform(8.0, 12.0, m))
         out.append(endo)
     return out
@@ -168,20 +168,20 @@ def block_candidates(layout: SlideLayout, by: int, bx: int) -> np.ndarray:
             angle = np.where(f > 0, *layout.fibre_angles) + rng.normal(0, 0.2, ok.sum())
         else:
             angle = None
-        parts.append(_new_cells(rng, code, x[ok], y[ok], angle=angle))
+        parts.append(new_cells(rng, code, x[ok], y[ok], angle=angle))
     parts.extend(_vessels(rng, layout, box, area_mm2))
     if not parts:
         return _empty()
     c = np.concatenate(parts)
-    _finish(rng, layout, c)
+    finish_cells(rng, layout.ambiguous_share, c)
     inside = (c["x"] >= 0) & (c["x"] < layout.width_um) & (c["y"] >= 0) & (
         c["y"] < layout.height_um)
     return c[inside]
 
 
-def _finish(rng: np.random.Generator, layout: SlideLayout, c: np.ndarray) -> None:
-    """Ambiguity flags (towards a look-alike type) and exclusion radii, in place."""
-    share = layout.ambiguous_share
+def finish_cells(rng: np.random.Generator, share: float, c: np.ndarray) -> None:
+    """Ambiguity flags (a ``share`` of look-alike-able cells drawn towards their look-alike
+    type) and exclusion radii, in place."""
     amb_u = rng.random(len(c))
     mix = rng.uniform(0.3, 0.8, len(c))
     for code, other in AMBIGUOUS_WITH.items():
