@@ -27,12 +27,16 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Option(None, "--name", help="File stem; default "
                                         "synth_s<seed>_d<difficulty>."),
         workers: int = typer.Option(0, "--workers", help="Processes; 0 = all cores."),
+        style: str = typer.Option("v1", "--style", help="v1 (default: the original clean "
+                                  "renderer) or v2 (glands, crowded and overlapping nuclei, "
+                                  "lymphoid aggregates, larger vessels, out-of-plane nuclei, "
+                                  "uneven staining, real-range stain/scanner variation)."),
     ) -> None:
         from cellclf.synth import render_slide
 
         slide, truth = render_slide(out_dir, width, height, mpp=mpp, seed=seed,
                                     difficulty=difficulty, fmt=fmt, name=name,
-                                    workers=workers, progress=True)
+                                    workers=workers, progress=True, style=style)
         typer.echo(f"slide: {slide}")
         typer.echo(f"truth: {truth}")
 
