@@ -23,7 +23,7 @@ from cellclf.errors import ConfigError
 from cellclf.wsi.slide import Slide
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-MAX_BACKGROUND_PX = 80_000_000       # held in memory: ask for a --region beyond this
+MAX_BACKGROUND_PX = 40_000_000       # held in memory (~3 GB peak at the limit): --region beyond
 DETECT_TILE_PX = 1024
 DETECT_HALO_PX = 64
 SOURCE_POINTS = "point_annotation"
