@@ -282,3 +282,17 @@ def test_v2_is_deterministic_over_workers_and_v1_default_unchanged(tmp_path):
     assert v1[0].read_bytes() != a[0].read_bytes()
     with pytest.raises(ConfigError, match="style"):
         render_slide(tmp_path, 512, 512, style="v3")
+
+
+def test_cli_synth_style_v2(tmp_path):
+    from cellclf.cli import app
+
+    ok = CliRunner().invoke(app, ["synth", str(tmp_path), "--width", "700", "--height", "500",
+                                  "--workers", "1", "--style", "v2", "--name", "v2"])
+    assert ok.exit_code == 0, ok.output
+    with openslide.OpenSlide(str(tmp_path / "v2.tif")) as s:
+        assert s.dimensions == (700, 500)
+    assert "style=v2" in (tmp_path / "v2.tif").read_bytes()[:1 << 16].decode("latin-1")
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path), "--width", "700", "--height", "500",
+                                   "--style", "v3"])
+    assert isinstance(bad.exception, ConfigError) and "v2" in str(bad.exception)
