@@ -151,6 +151,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         check_model_fits(slide.mpp, work_mpp, path, params.max_mpp_ratio)
         mpp, width, height, vendor = slide.mpp, slide.width, slide.height, slide.vendor
     reader = TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers)
+    review = None  # bound before anything can raise, so the finally never hides the real error
     try:
         small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
         tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
