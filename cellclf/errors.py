@@ -46,10 +46,6 @@ class OptionError(CellclfError):
     """A command-line option has a value the command cannot use (out of range, unknown name)."""
 
 
-class ReviewStoreError(CellclfError):
-    """A review store is missing, is not a review store, or belongs to another run."""
-
-
 _OS_REASONS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "the disk quota is exhausted",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.errors import AnnotationError
+from cellclf.outputs.atomic import current_umask
 
 # QuPath-style display colours (RGB) for the classes this project knows; others get grey.
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
@@ -103,6 +104,7 @@ def write_points(path: str | os.PathLike[str], points0: Iterable[tuple]) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared files
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
             buf: list[str] = []

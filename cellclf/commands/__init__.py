@@ -12,7 +12,6 @@ import re
 
 import typer
 
-
 # commands in the order of the work: make test data, look at a slide, find cells, train, measure,
 # calibrate, deploy, run; then the review queue
 WORKFLOW_ORDER = ("synth", "info", "detect", "train", "evaluate", "calibrate", "export", "infer",

@@ -22,9 +22,7 @@ from cellclf.model.bundle_checks import check_graph, metadata_card
 
 
 def read_card(bundle: str | Path) -> dict:
-    from cellclf.card import bundle_paths
-
-    from cellclf.card import load_card
+    from cellclf.card import bundle_paths, load_card
 
     paths = bundle_paths(bundle)
     if not paths.card.is_file():

@@ -40,7 +40,12 @@ def expand_slides(args: list[str]) -> list[Path]:
         elif p.is_dir():
             out += sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES)
         elif p.suffix.lower() in {".txt", ".lst", ".list"} and p.is_file():
-            for line in p.read_text().splitlines():
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise CellclfError(f"{p} is not a text list of slide paths (not UTF-8 text): give "
+                                   "one slide path per line, or the slides themselves") from exc
+            for line in lines:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     q = Path(line)
