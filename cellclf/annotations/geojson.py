@@ -38,6 +38,7 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "macrophage": (100, 180, 180),
 }
 _DEFAULT_COLOR = (128, 128, 128)
+MAX_COORD_PX = 1e9  # no slide is a billion pixels wide: larger positions are a unit mistake
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def _xy(coord: Any) -> tuple[float, float]:
         raise _Bad(f"a position must hold numbers, got {coord!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)):
         raise _Bad(f"a position must be finite, got {coord!r}")
+    if abs(x) > MAX_COORD_PX or abs(y) > MAX_COORD_PX:
+        raise _Bad(f"a position must be level-0 pixels within ±{MAX_COORD_PX:.0e}, got {coord!r} "
+                   "(were the coordinates written in another unit?)")
     return x, y
 
 
@@ -188,8 +192,12 @@ def polygon_centroid(polygons: list[Any]) -> tuple[float, float]:
                 vy += sum(p[1] for p in pts)
                 nv += len(pts)
     if abs(area) > 1e-12:
-        return sx / area, sy / area
-    return vx / nv, vy / nv
+        x, y = sx / area, sy / area
+    else:
+        x, y = vx / nv, vy / nv
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise _Bad("the polygon's centroid cannot be computed (degenerate shape)")
+    return x, y
 
 
 def _class_name(props: Mapping[str, Any]) -> str | None:
@@ -259,6 +267,8 @@ def read_points(path: str | os.PathLike[str]) -> list[PointAnnotation]:
         raise AnnotationError(f"{path}: cannot read the annotation file ({exc})") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise AnnotationError(f"{path}: the JSON is nested too deeply to be GeoJSON") from None
     except json.JSONDecodeError as exc:
         raise AnnotationError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
