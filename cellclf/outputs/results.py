@@ -43,7 +43,7 @@ def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
             "accepted": density_per_mm2(counts[name]["accepted"], result.tissue_area_mm2),
             "total": density_per_mm2(counts[name]["total"], result.tissue_area_mm2),
         }
-        if name != "other":
+        if name != card.get("other_class"):
             hotspots[name] = peak_hpf(result.xy0[pred == k], result.mpp, hpf_area_mm2).to_dict()
     reasons, reason_counts = np.unique(result.reason.astype(str), return_counts=True)
     n = result.n_cells

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cellclf.errors import CellclfError
+from cellclf.gate.slide_guard import OOD_ACTION
 from cellclf.outputs.manifest import Manifest, ManifestRow, slide_id_for
 from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, process_slide, utc_now
 from cellclf.versions import software_versions
@@ -175,7 +178,11 @@ def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: Batch
                       + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
                                   for k, v in counts.items() if k != "other")
                       + f", {row.n_review} to review → {out_dir / sid / 'report.html'}")
+        if outcome.ood_reasons:
+            console.print(f"[yellow]warning[/] {sid} looks unlike the calibration slides: "
+                          + escape("; ".join(outcome.ood_reasons)) + f"; {OOD_ACTION}.",
+                          soft_wrap=True)
         report.done += 1
     else:
-        console.print(f"[red]failed[/] {sid}: {row.reason}")
+        console.print(f"[red]failed[/] {sid}: {escape(row.reason)}", soft_wrap=True)
         report.failed += 1

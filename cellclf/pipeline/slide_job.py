@@ -39,6 +39,7 @@ class SlideOutcome:
 
     row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
+    ood_reasons: list[str] | None = None  # the slide-level guard's reasons, when it flagged
 
     @classmethod
     def failed(cls, slide_id: str, path: str, reason: str, seconds: float = 0.0) -> SlideOutcome:
@@ -71,7 +72,9 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         _fault(f"before_manifest:{index}")
         row = ManifestRow(slide_id, str(path), "done", "", result.n_cells,
                           int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now())
-        return SlideOutcome(row, count_table(result))
+        ood = result.ood or {}
+        return SlideOutcome(row, count_table(result),
+                            list(ood.get("reasons", [])) if ood.get("flagged") else None)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         reason = (str(exc) if isinstance(exc, CellclfError) else os_error_message(exc)
                   if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
