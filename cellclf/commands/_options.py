@@ -84,3 +84,41 @@ def check_mpp(value: float | None, option: str = "--mpp") -> float | None:
         raise OptionError(f"{option} {value} is not a scanner pixel size: give µm per pixel "
                           "between 0.05 and 20 (0.25 for a 40× scan, 0.5 for 20×)")
     return value
+
+
+def _writable_ancestor(path: Path) -> Path:
+    """The nearest existing folder at or above ``path`` (where a new file or folder would go)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(option: str, path: Path) -> Path:
+    """An output file path: not a folder, and its folder writable (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"{option} {path} is a folder: give a file name (e.g. {path / 'out'}"
+                          f"{path.suffix or '.geojson'})")
+    base = _writable_ancestor(path.parent)
+    if not base.is_dir():
+        raise OptionError(f"{option} {path}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OptionError(f"{option} {path}: cannot write there (permission denied or a "
+                          "read-only file system); choose a folder you may write to")
+    return path
+
+
+def check_output_dir(option: str, path: Path) -> Path:
+    """An output folder: not an existing file, and writable (or creatable) before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"{option} {path} is a file, not a folder: give a folder (it is "
+                          "created if missing)")
+    base = _writable_ancestor(path)
+    if not base.is_dir():
+        raise OptionError(f"{option} {path}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} {path}: cannot write there (permission denied or a "
+                          "read-only file system); choose a folder you may write to")
+    return path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cellclf.commands._options import check_choice, check_mpp
+from cellclf.commands._options import check_choice, check_mpp, check_output_file
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
         from cellclf.detect.candidates import detect_to_geojson
 
         check_mpp(mpp)
+        check_output_file("--out", out)
+        if metrics_json is not None:
+            check_output_file("--metrics-json", metrics_json)
         check_choice("--backend", backend, ("auto", "numpy", "torch"))
 
         metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth, metrics_json=metrics_json,

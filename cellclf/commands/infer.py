@@ -12,6 +12,7 @@ from cellclf.commands._options import (
     check_choice,
     check_device,
     check_mpp,
+    check_output_dir,
     check_positive,
     resolve_model,
 )
@@ -63,6 +64,7 @@ def register(app: typer.Typer) -> None:
         check_mpp(mpp)
         check_positive("--hpf-area", hpf_area, allow_none=False, upper=100.0, unit=" mm²")
         check_slide_args(slides)
+        check_output_dir("--out", out)
         bundle = resolve_model(model)
         report = run_batch(slides, bundle, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_output_dir
 from cellclf.errors import OptionError
 
 DB_HELP = "Review store: a file path or sqlite:///PATH (SQLite), or postgresql+psycopg://USER@HOST/DB."
@@ -94,6 +95,7 @@ def export(
     from cellclf.review.label_export import export_labels
 
     require_store(db)
+    check_output_dir("--out", Path(out))
 
     tally = export_labels(db, out, include_uncertain=include_uncertain)
     for slide, t in tally.items():

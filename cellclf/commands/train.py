@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cellclf.commands._options import check_choice, check_positive
+from cellclf.commands._options import check_choice, check_output_dir, check_positive
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         become `other`) and cached, so a second run never re-reads the slides.
         """
         from cellclf.model.config import load_config
+
+        check_output_dir("--out", out)
         from cellclf.model.training import fit
 
         extra = list(overrides or [])
@@ -68,6 +70,7 @@ def register(app: typer.Typer) -> None:
         from cellclf.evaluation.evaluate import evaluate as run
 
         check_positive("--match-um", match_um, allow_none=False, upper=50.0, unit=" µm")
+        check_output_dir("--out", out)
         check_choice("--precision", precision, ("fp32", "int8"))
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,

@@ -59,7 +59,12 @@ class Manifest:
         if self.path.exists():
             try:
                 with self.path.open(newline="", encoding="utf-8") as fh:
-                    for rec in csv.DictReader(fh):
+                    reader = csv.DictReader(fh)
+                    lacking = [f for f in ("slide_id", "path", "status")
+                               if f not in (reader.fieldnames or [])]
+                    if lacking:
+                        raise ValueError(f"its header lacks {lacking}")
+                    for rec in reader:
                         row = ManifestRow(
                             slide_id=rec["slide_id"], path=rec["path"], status=rec["status"],
                             reason=rec.get("reason") or "", n_cells=int(rec.get("n_cells") or 0),
