@@ -143,7 +143,7 @@ def _xy(coord: Any) -> tuple[float, float]:
         raise _Bad(f"a position must be a list [x, y], got {coord!r}")
     try:
         x, y = float(coord[0]), float(coord[1])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _Bad(f"a position must hold numbers, got {coord!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)):
         raise _Bad(f"a position must be finite, got {coord!r}")
@@ -269,7 +269,9 @@ def read_points(path: str | os.PathLike[str]) -> list[PointAnnotation]:
         data = json.loads(text)
     except RecursionError:
         raise AnnotationError(f"{path}: the JSON is nested too deeply to be GeoJSON") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer of thousands of digits
+            raise AnnotationError(f"{path}: not readable as GeoJSON ({exc})") from None
         raise AnnotationError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
             "export the annotations again as GeoJSON (QuPath: File > Export objects as GeoJSON)"

@@ -156,9 +156,9 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
         raise AnnotationError(f"{path}: cannot read the CSV file ({exc}); check the path") from None
     with fh:
         reader = csv.DictReader(fh)
-        header = [normalise_name(h) for h in (reader.fieldnames or [])]
         rows = []
         try:
+            header = [normalise_name(h) for h in (reader.fieldnames or [])]
             for row in reader:
                 rows.append((reader.line_num, {normalise_name(k or ""): (v or "").strip()
                                                for k, v in row.items() if k is not None}))
@@ -303,7 +303,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if row.get("mpp") not in (None, ""):
             try:
                 mpp = float(row["mpp"])  # type: ignore[arg-type]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise AnnotationError(f"{path}: {where}: mpp {row['mpp']!r} is not a number") \
                     from None
             if not 0 < mpp < 100:
