@@ -352,3 +352,70 @@ def test_info_without_mpp_shows_what_it_can(tmp_path, capsys):
     assert "needs the pixel size" in text
     code, text = cli(capsys, "info", path, "--mpp", "0.5")
     assert code == 0 and "mm²" in text
+
+
+# ---------------------------------------------------------------- annotation files
+
+
+def test_points_csv_naming_a_missing_slide(random_bundle, tmp_path, capsys):
+    csv_path = tmp_path / "points.csv"
+    csv_path.write_text("slide,x,y,class\nmissing.svs,10,20,eosinophil\n")
+    code, text = cli(capsys, "evaluate", random_bundle, "--data", csv_path, "--out", tmp_path / "e")
+    assert code == 2 and "missing.svs" in text and "not found" in text
+
+
+def test_utf16_csv_is_a_clear_error(random_bundle, tmp_path, capsys):
+    csv_path = tmp_path / "points.csv"
+    csv_path.write_bytes("slide,x,y,class\na.svs,10,20,eosinophil\n".encode("utf-16"))
+    code, text = cli(capsys, "evaluate", random_bundle, "--data", csv_path, "--out", tmp_path / "e")
+    assert code == 2 and "not UTF-8 text" in text and "CSV UTF-8" in text
+
+
+@pytest.mark.parametrize("coords", [
+    [[[1e300, 1e300], [-1e300, 1e300], [1e300, -1e300], [1e300, 1e300]]],  # overflows the area
+    [[[0, 0], [1e200, 0], [1e200, 1e200], [0, 0]]],
+])
+def test_overflowing_polygons_refused_not_nan(tmp_path, coords):
+    from cellclf.annotations.geojson import read_points
+    from cellclf.errors import AnnotationError
+
+    path = tmp_path / "t.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": coords},
+         "properties": {"classification": {"name": "eosinophil"}}}]}))
+    with pytest.raises(AnnotationError, match=r"feature 0: a position must be level-0 pixels"):
+        read_points(path)
+
+
+def test_ood_reasons_in_plain_words():
+    from cellclf.gate.slide_guard import OOD_ACTION, STAT_NAMES, OODParams, SlideStats, is_ood
+
+    params = OODParams({k: 0.0 for k in STAT_NAMES}, {k: 1.0 for k in STAT_NAMES}, 4.0, 8)
+    stats = SlideStats(od_h_mean=16.1, od_e_mean=0.0, od_residual_mean=0.0, od_p99=0.0,
+                       focus=1.0, n_tissue_px=1000, mpp=0.5)
+    flagged, reasons = is_ood(stats, params)
+    assert flagged and reasons[0].startswith("the haematoxylin (nuclear) staining is stronger")
+    assert "recalibrate" in OOD_ACTION and "rescan" in OOD_ACTION and "stain" in OOD_ACTION
+
+
+def test_report_never_shows_final_counts_while_cells_are_pending():
+    from cellclf.outputs.report import render_report_html
+
+    summary = {
+        "slide_id": "s", "counts": {"eosinophil": {"accepted": 3, "review": 2, "total": 5}},
+        "per_mm2": {"eosinophil": {"total": 1.0}},
+        "peak_hpf": {"eosinophil": {"count": 2, "x": 1000.0, "y": 2000.0, "radius_px": 500.0}},
+        "gate": {}, "model_card": {"classes": ["eosinophil", "other"], "other_class": "other"},
+        "hpf_area_mm2": 0.237, "tissue_area_mm2": 1.0, "n_cells": 5,
+        "slide": {"path": "s.svs", "width": 10, "height": 10, "mpp": 0.25},
+        "timings_s": {"open_tissue_tiling": 1.0, "read_detect_classify": 5.0, "classify": 3.0,
+                      "total": 6.5},
+        "versions": {"cellclf": "0.1.0", "numpy": "2.0"},
+        "final": {"counts": {"eosinophil": 4}, "reviewed": 1, "pending": 1, "cant_tell": 0},
+    }
+    html = render_report_html(summary)
+    assert "pending (1 cells)" in html and "<td>4</td>" not in html
+    assert "of which classify" in html and "<td>cellclf</td><td>0.1.0</td>" in html
+    assert "1,000, 2,000" in html and "0.25, 0.50" in html  # hotspot centre in px and mm
+    summary["final"]["pending"] = 0
+    assert "<td>4</td>" in render_report_html(summary)

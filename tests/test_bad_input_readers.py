@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cellclf.annotations.geojson import read_points
-from cellclf.annotations.labelled_data import read_csv_points, read_manifest
+from cellclf.annotations.labelled_data import discover, read_csv_points, read_manifest
 from cellclf.errors import AnnotationError
 
 pytestmark = pytest.mark.slow
@@ -137,9 +137,11 @@ def test_points_csv(head, rows, encoding, with_slide) -> None:
     except UnicodeEncodeError:
         path.write_bytes(_csv_text(head, rows).encode("utf-8", "replace"))
     out = _check(lambda p: read_csv_points(p, slide=SLIDE if with_slide else None), path)
+    source = _check(discover, path)  # as train/evaluate/calibrate read DATA
+    if source is not None:
+        assert all(e.slide.is_file() for e in source.entries)
     if out is not None:
-        for slide, pts in out.items():
-            assert slide.is_file()
+        for pts in out.values():
             assert pts.xy.shape == (len(pts.names), 2) and (pts.xy >= 0).all()
             assert (pts.xy < 1e9).all() and all(isinstance(n, str) for n in pts.names)
 

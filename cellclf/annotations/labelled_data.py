@@ -191,7 +191,6 @@ def read_csv_points(path: str | Path, coords: str = "px", slide: Path | None = N
         raise AnnotationError(f"{path}: line 1: no 'slide' column; add one naming each row's "
                               "slide file, or list this CSV in a manifest beside its slide")
     grouped: dict[Path, tuple[list[tuple[float, float]], list[str | None], list[bool]]] = {}
-    checked: set[Path] = set()
     for line, row in rows:
         if not any(row.values()):
             continue
@@ -210,12 +209,6 @@ def read_csv_points(path: str | Path, coords: str = "px", slide: Path | None = N
         if "slide" in header and row.get("slide"):
             sp = Path(row["slide"]).expanduser()
             sp = sp if sp.is_absolute() else (path.parent / sp)
-            if sp not in checked:
-                if not _is_file(sp):
-                    raise AnnotationError(f"{path}: line {line}: slide {row['slide']} not found "
-                                          f"(looked for {sp}); relative paths are read from the "
-                                          "CSV's folder")
-                checked.add(sp)
         elif slide is not None:
             sp = slide
         else:
@@ -350,6 +343,11 @@ def discover(data: str | Path) -> DataSource:
             header, _ = _csv_rows(path)
             if "x" in header and "y" in header:
                 slides = sorted(read_csv_points(path))
+                missing = [s for s in slides if not _is_file(s)]
+                if missing:
+                    raise AnnotationError(f"{path}: slide {missing[0]} named in the CSV not found"
+                                          f"{f' (and {len(missing) - 1} more)' if missing[1:] else ''}"
+                                          "; relative paths are read from the CSV's folder")
                 return DataSource("points_csv", path, tuple(SlideEntry(s, path) for s in slides))
             return DataSource("manifest", path, tuple(read_manifest(path)))
         raise AnnotationError(f"{path}: expected a folder, a manifest (.csv/.yaml) or a points "
