@@ -75,11 +75,6 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
                     alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
-    if not any(t is not None for t in gate.to_dict()["thresholds"].values()):
-        raise CellclfError(f"{data}: with {len(labels)} calibration cells no class could be "
-                           f"certified at α = {alpha}, δ = {delta} (every cell would go to "
-                           f"review); {paths.root} is unchanged. Add calibration slides with more "
-                           "labelled cells of each class.")
     aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
     stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
              for e in source.entries]

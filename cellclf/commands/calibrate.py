@@ -84,7 +84,12 @@ def register(app: typer.Typer) -> None:
                           "—" if thr is None else f"{thr:.4f}", str(gate["n_cal"].get(c)), miss)
         console.print(table)
         for c, note in notes.items():
-            console.print(f"{c}: {note}", soft_wrap=True)
+            console.print(f"{c}: {note}", soft_wrap=True, markup=False)
+        if all(t is None for t in gate["thresholds"].values()):
+            console.print(f"[yellow]warning:[/] no class could be certified with "
+                          f"{s['n_cells']} calibration cells: every cell will go to review. Add "
+                          "calibration slides with more labelled cells of each class.",
+                          soft_wrap=True)
         console.print(f"written to {bundle / 'card.json'}; the previous card is kept as "
                       f"{bundle / PREVIOUS_CARD} (to go back: copy it over card.json, then run "
                       f"`cellclf export {bundle}`)", soft_wrap=True)
