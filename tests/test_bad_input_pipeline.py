@@ -204,3 +204,18 @@ def test_calibrate_on_truth_without_annotations_keeps_the_bundle(tmp_path, tiny_
                      "--workers", "2", "--no-progress")
     assert code == 2 and "nothing to measure" in text
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_infer_with_the_default_model_from_another_folder(tmp_path, tiny_svs, shipped_model):
+    """The first hour: `cellclf infer SLIDE` with no --model, run from an unrelated folder, finds
+    the shipped model (not "models/… not found") and finishes (exit 0)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-m", "cellclf.cli", "infer", str(tiny_svs[0]),
+                           "--out", "res", "--workers", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(tmp_path / "res")["tiny_svs"]["status"] == "done"

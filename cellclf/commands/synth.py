@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                                 "svs (Aperio-style)."),
         name: str | None = typer.Option(None, "--name", help="File stem; default "
                                         "synth_s<seed>_d<difficulty>."),
-        workers: int = typer.Option(0, "--workers", help="Processes; 0 = all cores."),
+        workers: int = typer.Option(0, "--workers", min=0, help="Processes; 0 = all cores."),
     ) -> None:
         from cellclf.synth import render_slide
 
