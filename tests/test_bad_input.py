@@ -419,3 +419,33 @@ def test_report_never_shows_final_counts_while_cells_are_pending():
     assert "1,000, 2,000" in html and "0.25, 0.50" in html  # hotspot centre in px and mm
     summary["final"]["pending"] = 0
     assert "<td>4</td>" in render_report_html(summary)
+
+
+@pytest.mark.parametrize("err, words", [
+    (PermissionError(13, "Permission denied", "/data/out/summary.json"), "permission denied"),
+    (OSError(30, "Read-only file system", "/data/out/summary.json"), "read-only"),
+    (IsADirectoryError(21, "Is a directory", "/data/out/summary.json"), "a folder, not a file"),
+    (OSError(28, "No space left on device", "/data/out/summary.json"), "free some space"),
+])
+def test_os_errors_reach_the_user_as_one_line(slide_file, monkeypatch, capsys, err, words):
+    """Whatever command meets an OS error (here injected into info: this test runs as root, which
+    ignores permissions), the user reads the path and what to do, exit 2, no traceback."""
+    import cellclf.wsi.info as info
+
+    def fail(*_a, **_k):
+        raise err
+
+    monkeypatch.setattr(info, "slide_info", fail)
+    code, text = cli(capsys, "info", slide_file)
+    assert code == 2 and "/data/out/summary.json" in text and words in text
+
+
+def test_a_bug_is_one_line_with_how_to_see_the_traceback(slide_file, monkeypatch, capsys):
+    import cellclf.wsi.info as info
+
+    def bug(*_a, **_k):
+        raise KeyError("levels")
+
+    monkeypatch.setattr(info, "slide_info", bug)
+    code, text = cli(capsys, "info", slide_file)
+    assert code == 2 and "bug in cellclf" in text and "CELLCLF_DEBUG=1" in text
