@@ -5,8 +5,8 @@ finished ones, alone writes ``manifest.csv`` and shows progress. This module onl
 loop: each slide's work (:func:`~cellclf.pipeline.slide_job.process_slide`: run_slide → results →
 review store) runs in a Ray actor. An actor is one long-lived worker process that loads the
 engine once and opens its own :class:`~cellclf.review.store.ReviewStore` on the same URL. Actors
-reserve ``num_gpus=1`` when CUDA GPUs are used (so one machine with N GPUs gets N workers, Ray pinning each to its GPU through
-``CUDA_VISIBLE_DEVICES``), else ``max(1, workers)`` CPUs each. Slides go to whichever actor is free;
+reserve ``num_gpus=1`` when CUDA GPUs are used (so one machine with N GPUs gets N workers, Ray
+pinning each to its GPU through ``CUDA_VISIBLE_DEVICES``), else ``max(1, workers)`` CPUs each. Slides go to whichever actor is free;
 the driver collects outcomes with ``ray.wait`` and records each as it comes back, so a failed slide
 (or a crashed worker) becomes a failed row with its reason and the batch goes on.
 
