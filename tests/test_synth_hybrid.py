@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from cellclf.errors import ConfigError
+from cellclf.errors import CellclfError, ConfigError
 from cellclf.model.config import DataConfig
 from cellclf.synth import TARGET_TYPES, render_slide
 from cellclf.synth.architecture import glands_near
@@ -159,7 +159,7 @@ def test_hybrid_cli_and_clear_errors(synthetic_background, tmp_path):
     assert isinstance(bad.exception, ConfigError) and "not found" in str(bad.exception)
     region = runner.invoke(app, ["synth-hybrid", str(synthetic_background), str(tmp_path),
                                  "--region", "1,2"])
-    assert isinstance(region.exception, ConfigError) and "X,Y,W,H" in str(region.exception)
+    assert isinstance(region.exception, CellclfError) and "X,Y,W,H" in str(region.exception)
     with pytest.raises(ConfigError, match="cells-per-mm2"):
         render_hybrid(tmp_path, synthetic_background, background_mpp=0.5, per_mm2=0.0)
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_mpp, check_output_dir
+from cellclf.errors import OptionError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("synth", help="Render a synthetic H&E whole-slide image (pyramidal JPEG TIFF "
@@ -26,13 +29,18 @@ def register(app: typer.Typer) -> None:
                                 "svs (Aperio-style)."),
         name: str | None = typer.Option(None, "--name", help="File stem; default "
                                         "synth_s<seed>_d<difficulty>."),
-        workers: int = typer.Option(0, "--workers", help="Processes; 0 = all cores."),
+        workers: int = typer.Option(0, "--workers", min=0, help="Processes; 0 = all cores."),
         style: str = typer.Option("v1", "--style", help="v1 (default: the original clean "
                                   "renderer) or v2 (glands, crowded and overlapping nuclei, "
                                   "lymphoid aggregates, larger vessels, out-of-plane nuclei, "
                                   "uneven staining, real-range stain/scanner variation)."),
     ) -> None:
         from cellclf.synth import render_slide
+
+        check_output_dir("OUT_DIR", out_dir)
+        check_mpp(mpp)
+        if width < 1 or height < 1:
+            raise OptionError(f"--width and --height must be at least 1 px, got {width} × {height}")
 
         slide, truth = render_slide(out_dir, width, height, mpp=mpp, seed=seed,
                                     difficulty=difficulty, fmt=fmt, name=name,
@@ -70,9 +78,11 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Option(None, "--name", help="File stem; default "
                                         "hybrid_<background>_s<seed>_d<difficulty>."),
     ) -> None:
-        from cellclf.errors import ConfigError
         from cellclf.synth.hybrid import render_hybrid
 
+        check_output_dir("OUT_DIR", out_dir)
+        check_mpp(mpp)
+        check_mpp(background_mpp, "--background-mpp")
         box = None
         if region is not None:
             try:
@@ -80,7 +90,7 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 box = ()
             if len(box) != 4:
-                raise ConfigError(f"--region {region!r} must be X,Y,W,H in level-0 pixels, "
+                raise OptionError(f"--region {region!r} must be X,Y,W,H in level-0 pixels, "
                                   "e.g. --region 0,0,4096,4096")
         res = render_hybrid(out_dir, background, seed=seed, difficulty=difficulty, mpp=mpp,
                             background_mpp=background_mpp, per_mm2=cells_per_mm2, fmt=fmt,
