@@ -30,7 +30,7 @@ from .backgrounds import Background, load_background
 from .celltypes import CELL_TYPES, EOS, MAST, MAX_RADIUS_UM, NEU, NO_TYPE, PLA
 from .local_optics import LocalConditions, local_conditions, optical_density
 from .placement import finish_cells, hard_core, new_cells
-from .render import _add_cells
+from .render import add_cells
 from .textures import texture_bank
 
 WINDOW_UM = 128.0           # stain / focus / noise are measured per window of this size
@@ -123,7 +123,7 @@ def _blend_tile(bg: Background, cond: LocalConditions, cells: np.ndarray, bank, 
     for k in np.unique(win):
         r, c = divmod(int(k), gx)
         canvas = np.zeros((4, th + 2 * margin, tw + 2 * margin), np.float32)
-        _add_cells(canvas, sub[win == k], px, (x0 - margin) * px, (y0 - margin) * px, bank, px)
+        add_cells(canvas, sub[win == k], px, (x0 - margin) * px, (y0 - margin) * px, bank, px)
         sigma = float(cond.blur_px[r, c])
         if sigma >= 0.3:
             canvas = ndimage.gaussian_filter(canvas, (0, sigma, sigma), mode="constant")

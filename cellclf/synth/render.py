@@ -129,7 +129,7 @@ def _stroma_v2(layout: SlideLayout, bank, hh, e, xs_um, ys_um, y0: int, x0: int)
     return hh, e
 
 
-def _add_cells(canvas: np.ndarray, cells: np.ndarray, px_um: float, x0_um: float, y0_um: float,
+def add_cells(canvas: np.ndarray, cells: np.ndarray, px_um: float, x0_um: float, y0_um: float,
                bank, aa_um: float) -> None:
     """Draw cells (any types) into the (4, H, W) canvas: h, e, d, coverage."""
     _, hh, ww = canvas.shape
@@ -186,7 +186,7 @@ def render_region(layout: SlideLayout, optics: Optics, cells: np.ndarray, x0: in
     conc = _stroma(layout, bank, tissue, band, xs, ys, y0, x0)
     if near.any():
         canvas = np.zeros((4, h, w), np.float32)
-        _add_cells(canvas, cells[near], px_um, x0_um, y0_um, bank, aa_um)
+        add_cells(canvas, cells[near], px_um, x0_um, y0_um, bank, aa_um)
         keep = 1.0 - np.minimum(canvas[3], 1.0)
         conc *= keep[None]
         conc += canvas[:3]
