@@ -39,6 +39,12 @@ from cellclf.gate.slide_guard import OODParams, SlideStats, fit_ood, is_ood, sli
 log = logging.getLogger(__name__)
 
 OOD_BATCH = 50  # crops per calibration batch for the stain/focus guard
+# The slide guard's floors on the robust spread (0.02 OD, 10 % of the median, 0.25 log focus) keep
+# it sane with 1-3 calibration slides. A calibration crop folder gives dozens of batches whose
+# spread is measured, so the floors are quartered: on PBC smears the unfloored spread of 50-crop
+# batches lay below even these, a held-out test batch stayed within |z| < 0.4 of them, and a
+# mild stain + focus shift that cut balanced accuracy from 0.75 to 0.32 was flagged (docs/crops.md).
+CROP_OOD_FLOORS = {"stain_floor_od": 0.005, "stain_floor_rel": 0.025, "focus_floor_log": 0.0625}
 OOD_MAX_CROPS = 400  # a classify batch's statistics use at most this many crops (evenly spread)
 REASON_OOD_BATCH = "ood_batch"
 
@@ -135,7 +141,7 @@ def fit_crop_ood(crops: np.ndarray, mpp: float, source: str, seed: int = 0,
     order = np.random.default_rng(seed).permutation(len(crops))
     n = max(1, len(crops) // batch)
     stats = [batch_stats(crops[np.sort(part)], mpp, source) for part in np.array_split(order, n)]
-    return fit_ood(stats), n
+    return fit_ood(stats, **CROP_OOD_FLOORS), n
 
 
 def check_batch_ood(crops: np.ndarray, card: Any, source: str) -> dict[str, Any]:
