@@ -1,4 +1,4 @@
-"""CLI: ``cellclf detect`` — class-agnostic cell candidates of a slide, optionally scored."""
+"""CLI: ``cellclf detect`` — class-agnostic cell candidates of a slide or a tile folder, scored."""
 
 from __future__ import annotations
 
@@ -10,47 +10,75 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("detect")
     def detect(
-        slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide opens)."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output GeoJSON of candidate points."),
-        mpp: float = typer.Option(None, help="µm per pixel for slides whose metadata lacks it."),
-        truth: Path = typer.Option(None, help="Ground-truth GeoJSON (labelled points) to score "
-                                              "the candidates against."),
+        slide: Path = typer.Argument(..., help="Slide file (any format OpenSlide opens), or a "
+                                               "folder of PNG/JPEG/TIFF tiles (needs --mpp)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output: GeoJSON of candidate points "
+                                                          "(slide) or points CSV (tile folder)."),
+        mpp: float = typer.Option(None, help="µm per pixel: for tile folders, and slides whose "
+                                             "metadata lacks it."),
+        truth: Path = typer.Option(None, help="Truth to score the candidates against: a GeoJSON "
+                                              "of labelled points (slide) or a points CSV "
+                                              "image,x,y[,class] in 0-based px (tile folder)."),
+        where: list[str] = typer.Option(None, help="Tile folders: use only the images whose "
+                                                   "truth rows have COLUMN=VALUE (e.g. "
+                                                   "split=validation); repeatable."),
+        match_um: float = typer.Option(4.0, "--match-um", help="One-to-one match radius (µm)."),
         metrics_json: Path = typer.Option(None, "--metrics-json",
                                           help="Where to write the metrics (default: "
                                                "OUT_STEM.metrics.json beside OUT)."),
+        detector: str = typer.Option("classical", help="Tile folders: classical (stain "
+                                                       "adaptive) | classical-fixed"),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Find cell candidates (one point per cell, any class) and write them as a
-        QuPath-importable GeoJSON. With --truth, print recall per class, precision and the
-        duplicate rate (match radius 4 µm) and write them as JSON."""
-        from cellclf.detect.candidates import detect_to_geojson
+        QuPath-importable GeoJSON (slides) or a points CSV (tile folders). With --truth, print
+        recall per class, precision, F1 and the duplicate rate (one-to-one within --match-um)
+        and write them as JSON."""
+        from cellclf.annotations.tile_folder import parse_where
+        from cellclf.detect.candidates import detect_tiles_to_csv, detect_to_geojson
+        from cellclf.errors import ConfigError
 
-        metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth, metrics_json=metrics_json,
-                                    workers=workers, progress=progress, backend=backend)
+        if not match_um > 0:
+            raise ConfigError(f"--match-um must be positive, got {match_um}")
+        if slide.is_dir():
+            metrics = detect_tiles_to_csv(slide, out, mpp, truth=truth, where=parse_where(where),
+                                          metrics_json=metrics_json, match_um=match_um,
+                                          detector=detector)
+        else:
+            if where:
+                raise ConfigError("--where applies to tile folders only")
+            metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth,
+                                        metrics_json=metrics_json, workers=workers,
+                                        progress=progress, backend=backend, match_um=match_um)
         if metrics is None:
             typer.echo(f"wrote {out}")
             return
-        from rich.console import Console
-        from rich.table import Table
+        _print_metrics(slide.name, metrics)
 
-        def pct(v: float | None) -> str:
-            return "n/a" if v is None else f"{100 * v:.1f}%"
 
-        table = Table(title=f"{slide.name} vs truth ({metrics['match_um']} µm)")
-        table.add_column("truth class")
-        table.add_column("found / truth", justify="right")
-        table.add_column("recall", justify="right")
-        for cls, rec in metrics["recall"].items():
-            table.add_row(cls, f"{metrics['n_found'][cls]} / {metrics['n_truth'][cls]}", pct(rec))
-        table.add_section()
-        table.add_row("all", f"{sum(metrics['n_found'].values())} / "
-                             f"{sum(metrics['n_truth'].values())}", pct(metrics["recall_all"]))
-        table.add_row("precision", f"{metrics['n_matched']} / {metrics['n_pred']}",
-                      pct(metrics["precision"]))
-        table.add_row("duplicate rate", f"{metrics['n_duplicates']} / {metrics['n_pred']}",
-                      pct(metrics["duplicate_rate"]))
-        console = Console()
-        console.print(table)
-        console.print(f"wrote {out} and {metrics['metrics_json']}")
+def _print_metrics(name: str, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    table = Table(title=f"{name} vs truth ({metrics['match_um']} µm)")
+    table.add_column("truth class")
+    table.add_column("found / truth", justify="right")
+    table.add_column("recall", justify="right")
+    for cls, rec in metrics["recall"].items():
+        table.add_row(cls, f"{metrics['n_found'][cls]} / {metrics['n_truth'][cls]}", pct(rec))
+    table.add_section()
+    table.add_row("all", f"{sum(metrics['n_found'].values())} / "
+                         f"{sum(metrics['n_truth'].values())}", pct(metrics["recall_all"]))
+    table.add_row("precision", f"{metrics['n_matched']} / {metrics['n_pred']}",
+                  pct(metrics["precision"]))
+    table.add_row("F1", "", pct(metrics["f1"]))
+    table.add_row("duplicate rate", f"{metrics['n_duplicates']} / {metrics['n_pred']}",
+                  pct(metrics["duplicate_rate"]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {metrics['candidates']} and {metrics['metrics_json']}")

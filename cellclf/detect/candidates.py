@@ -1,8 +1,8 @@
 """``cellclf detect``: a slide's cell candidates written as QuPath GeoJSON and, given labelled truth,
 scored (recall per class, precision, duplicate rate within 4 µm).
 
-Sits beside the detect step: :func:`cellclf.detect.slide_detection.detect_slide` finds the candidates, this module
-writes them and matches them to truth with :mod:`cellclf.detect.matching`.
+Sits beside the detect step: :func:`cellclf.detect.slide_detection.detect_slide` finds the
+candidates, this module writes them and matches them to truth with :mod:`cellclf.detect.matching`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,43 @@ def detect_to_geojson(
     metrics = detection_metrics(pts, truth0, names, match_um / slide_mpp)
     metrics.update(slide=str(path), candidates=str(out), truth=str(truth), match_um=match_um,
                    mpp=slide_mpp)
+    mj = Path(metrics_json) if metrics_json else out.with_name(out.stem + ".metrics.json")
+    atomic_write_json(mj, metrics)
+    metrics["metrics_json"] = str(mj)
+    return metrics
+
+
+def detect_tiles_to_csv(
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    mpp: float | None,
+    truth: str | os.PathLike[str] | None = None,
+    where: dict[str, str] | None = None,
+    metrics_json: str | os.PathLike[str] | None = None,
+    match_um: float = 4.0,
+    detector: str = "classical",
+) -> dict | None:
+    """``cellclf detect TILES``: candidates of every tile as a points CSV; scored if truth given.
+
+    ``out`` gets ``image,x,y,class`` rows (0-based px, like the truth CSV). With ``truth`` the
+    pooled recall (per truth class), precision, F1 and duplicate rate are written to
+    ``metrics_json`` (default ``<out stem>.metrics.json``) and returned.
+    """
+    from cellclf.annotations.tile_folder import open_tile_set
+    from cellclf.detect.detectors import make_tile_detector
+    from cellclf.detect.tile_detection import detect_tile_set, score_tile_set, write_points_csv
+    from cellclf.outputs.atomic import atomic_write_json
+
+    tiles = open_tile_set(folder, mpp, truth, where)
+    detect = make_tile_detector(detector, tiles)
+    found = detect_tile_set(tiles, detect)
+    out = Path(out)
+    write_points_csv(out, found)
+    if truth is None:
+        return None
+    metrics = score_tile_set(tiles, found, match_um)
+    metrics.update(tiles=str(folder), candidates=str(out), truth=str(truth), where=where or {},
+                   detector=detector, stain=getattr(detect, "stain_record", None))
     mj = Path(metrics_json) if metrics_json else out.with_name(out.stem + ".metrics.json")
     atomic_write_json(mj, metrics)
     metrics["metrics_json"] = str(mj)
