@@ -26,8 +26,9 @@ def register(app: typer.Typer) -> None:
         metrics_json: Path = typer.Option(None, "--metrics-json",
                                           help="Where to write the metrics (default: "
                                                "OUT_STEM.metrics.json beside OUT)."),
-        detector: str = typer.Option("classical", help="Tile folders: classical (stain "
-                                                       "adaptive) | classical-fixed"),
+        detector: str = typer.Option("classical", help="Tile folders: classical (fixed "
+                                                       "H&E stain) | classical-adaptive (the "
+                                                       "set's own Macenko stain and glass)"),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
