@@ -28,7 +28,11 @@ def register(app: typer.Typer) -> None:
                                                "OUT_STEM.metrics.json beside OUT)."),
         detector: str = typer.Option("classical", help="Tile folders: classical (fixed "
                                                        "H&E stain) | classical-adaptive (the "
-                                                       "set's own Macenko stain and glass)"),
+                                                       "set's own Macenko stain and glass) | "
+                                                       "learned (heat-map network)"),
+        detector_bundle: Path = typer.Option(None, "--detector-bundle",
+                                             help="Detector bundle for --detector learned "
+                                                  "(default: models/cellclf-detector-v1)."),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -46,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if slide.is_dir():
             metrics = detect_tiles_to_csv(slide, out, mpp, truth=truth, where=parse_where(where),
                                           metrics_json=metrics_json, match_um=match_um,
-                                          detector=detector)
+                                          detector=detector, detector_bundle=detector_bundle)
         else:
             if where:
                 raise ConfigError("--where applies to tile folders only")
@@ -57,6 +61,34 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {out}")
             return
         _print_metrics(slide.name, metrics)
+
+    @app.command("train-detector")
+    def train_detector_cmd(
+        data: Path = typer.Argument(..., help="Folder of PNG/JPEG/TIFF tiles (with --mpp and a "
+                                              "points CSV), or a slide (with QuPath GeoJSON "
+                                              "points)."),
+        truth: Path = typer.Option(..., help="Points: CSV image,x,y (tiles, 0-based px) or "
+                                             "QuPath GeoJSON (slide, level-0 px)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for the detector bundle."),
+        mpp: float = typer.Option(None, help="µm per pixel (tile folders; slides lacking it)."),
+        where: list[str] = typer.Option(None, help="Tile folders: only rows with COLUMN=VALUE."),
+        init: Path = typer.Option(None, help="Fine-tune this detector bundle (e.g. "
+                                             "models/cellclf-detector-v1) instead of starting "
+                                             "from scratch."),
+        minutes: float = typer.Option(10.0, help="Training time budget."),
+        val_share: float = typer.Option(0.2, help="Share of tiles held out to choose the "
+                                                  "peak threshold (a slide is split in two)."),
+        threads: int = typer.Option(1, help="Torch threads."),
+    ) -> None:
+        """Train (or fine-tune) the learned cell detector from point annotations: a heat map of
+        Gaussian peaks at cell centres. Writes OUT/card.json, OUT/detector.onnx (runs without
+        torch) and OUT/detector.pt."""
+        from cellclf.detect.learned_train import fit_from_annotations
+
+        card = fit_from_annotations(data, truth, out, mpp=mpp, where=where, init=init,
+                                    minutes=minutes, val_share=val_share, threads=threads,
+                                    log=typer.echo)
+        typer.echo(f"wrote {out}: threshold {card['threshold']}, held out {card['validation']}")
 
 
 def _print_metrics(name: str, metrics: dict) -> None:

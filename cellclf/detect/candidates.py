@@ -65,6 +65,7 @@ def detect_tiles_to_csv(
     metrics_json: str | os.PathLike[str] | None = None,
     match_um: float = 4.0,
     detector: str = "classical",
+    detector_bundle: str | os.PathLike[str] | None = None,
 ) -> dict | None:
     """``cellclf detect TILES``: candidates of every tile as a points CSV; scored if truth given.
 
@@ -78,7 +79,7 @@ def detect_tiles_to_csv(
     from cellclf.outputs.atomic import atomic_write_json
 
     tiles = open_tile_set(folder, mpp, truth, where)
-    detect = make_tile_detector(detector, tiles)
+    detect = make_tile_detector(detector, tiles, detector_bundle)
     found = detect_tile_set(tiles, detect)
     out = Path(out)
     write_points_csv(out, found)
