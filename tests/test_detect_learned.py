@@ -72,7 +72,7 @@ def test_onnx_and_torch_agree() -> None:
     x, _, _ = det.prepare(rgb, cv.mpp)
     a = det._onnx().run(None, {"tiles": x[None]})[0]
     with torch.inference_mode():
-        b = graph(torch.from_numpy(x[None])).numpy()
+        b = graph(torch.from_numpy(np.array(x[None]))).numpy()
     assert np.abs(a - b).max() < 1e-4
     # the batched torch path (device stage) finds the same cells as onnxruntime on the host
     tiles = np.stack([rgb, rgb[::-1].copy()])
@@ -187,3 +187,22 @@ def test_train_detector_cli_and_fine_tune(tmp_path: Path) -> None:
                                    "--minutes", "0.05", "--init", str(out)])
     assert res.exit_code == 0, res.output
     assert read_detector_card(tmp_path / "det2")["training"]["init"] == str(out)
+
+
+def test_training_patches_keep_points_on_their_cells() -> None:
+    """Crops, zooms, flips and rotations move the points with the pixels."""
+    from cellclf.detect.learned_train import PointImage, _patches
+
+    rgb = np.full((300, 400, 3), 255, np.uint8)
+    xy = np.array([[100.5, 80.5], [250.5, 200.5], [330.5, 60.5]])
+    yy, xx = np.mgrid[0:300, 0:400] + 0.5
+    for x, y in xy:
+        rgb[(xx - x) ** 2 + (yy - y) ** 2 <= 16] = 0
+    tiles, pts = _patches([PointImage("a", rgb, xy)], 200, 64, np.random.default_rng(2), 0.25)
+    seen = 0
+    for tile, p in zip(tiles, pts, strict=True):
+        for x, y in p:
+            if 2 <= x < 62 and 2 <= y < 62:
+                assert tile[int(y), int(x)].max() < 128
+                seen += 1
+    assert seen >= 10

@@ -26,10 +26,10 @@ def register(app: typer.Typer) -> None:
         metrics_json: Path = typer.Option(None, "--metrics-json",
                                           help="Where to write the metrics (default: "
                                                "OUT_STEM.metrics.json beside OUT)."),
-        detector: str = typer.Option("classical", help="Tile folders: classical (fixed "
-                                                       "H&E stain) | classical-adaptive (the "
-                                                       "set's own Macenko stain and glass) | "
-                                                       "learned (heat-map network)"),
+        detector: str = typer.Option("classical", help="classical (fixed H&E stain) | learned "
+                                                       "(heat-map network) | classical-adaptive "
+                                                       "(tile folders: the set's own Macenko "
+                                                       "stain and glass)"),
         detector_bundle: Path = typer.Option(None, "--detector-bundle",
                                              help="Detector bundle for --detector learned "
                                                   "(default: models/cellclf-detector-v1)."),
@@ -54,9 +54,13 @@ def register(app: typer.Typer) -> None:
         else:
             if where:
                 raise ConfigError("--where applies to tile folders only")
+            if detector not in ("classical", "learned"):
+                raise ConfigError(f"--detector {detector}: slides take classical or learned "
+                                  "(classical-adaptive is for tile folders)")
             metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth,
                                         metrics_json=metrics_json, workers=workers,
-                                        progress=progress, backend=backend, match_um=match_um)
+                                        progress=progress, backend=backend, match_um=match_um,
+                                        detector=detector, detector_bundle=detector_bundle)
         if metrics is None:
             typer.echo(f"wrote {out}")
             return

@@ -25,6 +25,8 @@ def detect_to_geojson(
     progress: bool = True,
     backend: str = "auto",
     match_um: float = 4.0,
+    detector: str = "classical",
+    detector_bundle: str | os.PathLike[str] | None = None,
 ) -> dict | None:
     """``cellclf detect``: write a slide's candidates as GeoJSON; score them against truth if given.
 
@@ -41,7 +43,8 @@ def detect_to_geojson(
     truth_pts = read_points(truth) if truth is not None else None  # fail early on bad truth
     with Slide(path, mpp=mpp) as slide:
         slide_mpp = slide.mpp
-    pts = detect_slide(path, mpp=mpp, workers=workers, progress=progress, backend=backend)
+    pts = detect_slide(path, mpp=mpp, workers=workers, progress=progress, backend=backend,
+                       detector=detector, detector_bundle=detector_bundle)
     write_points(out, ((float(x), float(y), "candidate") for x, y in pts))
     if truth_pts is None:
         return None

@@ -68,22 +68,30 @@ def from_slide(slide: str | Path, points: str | Path, mpp: float, slide_mpp: flo
     return PointImage(Path(slide).stem, resample(rgb, scale), (xy0 - [x0, y0]) * scale)
 
 
-def _patches(images: list[PointImage], n: int, size: int, rng: np.random.Generator):
-    """``n`` random ``size``² patches (uint8 N×size×size×3) and their points, area-weighted."""
+def _patches(images: list[PointImage], n: int, size: int, rng: np.random.Generator,
+             scale_jitter: float = 0.0):
+    """``n`` random ``size``² patches (uint8 N×size×size×3) and their points, area-weighted;
+    each patch magnified by a random factor in [1/(1+j), 1+j] (``scale_jitter`` j)."""
     areas = np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in images], dtype=np.float64)
     picks = rng.choice(len(images), n, p=areas / areas.sum())
     out = np.empty((n, size, size, 3), np.uint8)
     pts = []
     for k, i in enumerate(picks):
-        im = pad_to(images[i].rgb, 1)
-        if im.shape[0] < size or im.shape[1] < size:
-            im = np.pad(im, ((0, max(0, size - im.shape[0])), (0, max(0, size - im.shape[1])),
+        zoom = float(np.exp(rng.uniform(-1, 1) * np.log1p(scale_jitter)))
+        src = max(8, int(round(size / zoom)))
+        im = images[i].rgb
+        if im.shape[0] < src or im.shape[1] < src:
+            im = np.pad(im, ((0, max(0, src - im.shape[0])), (0, max(0, src - im.shape[1])),
                              (0, 0)), mode="reflect")
-        y = rng.integers(0, im.shape[0] - size + 1)
-        x = rng.integers(0, im.shape[1] - size + 1)
-        p = images[i].xy - [x, y]
+        y = rng.integers(0, im.shape[0] - src + 1)
+        x = rng.integers(0, im.shape[1] - src + 1)
+        p = (images[i].xy - [x, y]) * (size / src)
         p = p[(p >= 0).all(axis=1) & (p < size).all(axis=1)]
-        patch = im[y:y + size, x:x + size]
+        patch = im[y:y + src, x:x + src]
+        if src != size:
+            patch = resample(patch, size / src)[:size, :size]
+            if patch.shape[:2] != (size, size):
+                patch = pad_to(patch, size)[:size, :size]
         if rng.random() < 0.5:
             patch, p = patch[:, ::-1], np.column_stack([size - p[:, 0], p[:, 1]])
         k90 = int(rng.integers(4))
@@ -136,7 +144,7 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
                    max_steps: int = 6000, batch: int = 16, patch_px: int = 96,
                    sigma_um: float = 1.5, width: int = 12, seed: int = 0, threads: int = 2,
                    init: str | Path | None = None, match_um: float = 4.0,
-                   log=print) -> dict:
+                   scale_jitter: float = 0.25, log=print) -> dict:
     """Fit the heat-map network (or fine-tune ``init``'s), tune the threshold on ``val``, export
     ``out/detector.onnx`` + ``out/card.json``; returns the card."""
     import torch
@@ -159,7 +167,7 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
         lr = 3e-3 * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - t0) / (minutes * 60))))
         for g in opt.param_groups:
             g["lr"] = max(lr, 1e-4)
-        tiles, pts = _patches(train, batch, patch_px, rng)
+        tiles, pts = _patches(train, batch, patch_px, rng, scale_jitter)
         x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
         x = _stain_jitter(x, rng, 1.0)
         target = gaussian_targets([torch.from_numpy(p).float() for p in pts], patch_px, patch_px,
@@ -186,6 +194,7 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
                         "parameters": sum(p.numel() for p in net.parameters())},
             "training": {"steps": step, "seconds": round(time.monotonic() - t0, 1),
                          "batch": batch, "patch_px": patch_px, "seed": seed,
+                         "scale_jitter": scale_jitter,
                          "final_loss": float(np.mean(losses[-50:])) if losses else None,
                          "init": str(init) if init else None},
             "data": data_card}

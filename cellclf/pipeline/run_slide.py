@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.detect.stain import estimate_stain
+from cellclf.detect.stain import sample_tiles as sample_stain_pixels
 from cellclf.errors import ConfigError, ModelMismatchError
 
 REVIEW_CONTEXT_PX = 160  # side of the context image at the model's mpp (80 µm at 0.5 µm/px)
@@ -168,10 +170,12 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         aps = card.get("conformal")
         ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
         t1 = time.perf_counter()
+        # the same windows as calibration.slide_ood_stats (cores without halo); they also give
+        # the slide's own stain estimate recorded in summary.json (extra.stain)
+        cores = tile_grid(width, height, mpp, work_mpp, params.tile_um, 0.0, tissue)
+        sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(cores, params.ood_sample_tiles))]
+        stain = estimate_stain(sample_stain_pixels(sample)).to_dict()
         if card.get("ood"):
-            # the same windows as calibration.slide_ood_stats (cores without halo)
-            cores = tile_grid(width, height, mpp, work_mpp, params.tile_um, 0.0, tissue)
-            sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(cores, params.ood_sample_tiles))]
             stats = slide_stats(sample, work_mpp, workers=reader.workers)
             flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
             ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
@@ -229,7 +233,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         conformal=cat(acc.conformal, (0, k), bool), tissue_area_mm2=tissue_mm2,
         thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
         extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host",
-               "decode": "device" if decoded_on_device else "host"})
+               "decode": "device" if decoded_on_device else "host", "stain": stain})
 
 
 def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
