@@ -113,3 +113,14 @@ def sample_tiles(tiles: list[np.ndarray], max_pixels: int = 400_000, seed: int =
 def adapt_params(params: DetectParams, stain: StainEstimate) -> DetectParams:
     """``params`` detecting in ``stain``'s space (its vectors and glass)."""
     return replace(params, stain_he=(stain.haematoxylin, stain.eosin), glass_rgb=stain.glass)
+
+
+def slide_stain(reader, tissue, tile_um: float = 512.0, k: int = 4) -> StainEstimate:
+    """The stain estimate of a slide from ``k`` tissue tile cores spread over it (a
+    :class:`~cellclf.wsi.tile_reader.TileReader` at its working mpp and the tissue mask)."""
+    cores = reader.grid(tile_um, 0.0, tissue)
+    if not cores:
+        return StainEstimate(note="no tissue tiles: Ruifrok-Johnston vectors and glass 245")
+    idx = np.unique(np.linspace(0, len(cores) - 1, min(k, len(cores))).round().astype(int))
+    return estimate_stain(sample_tiles([rgb for _, rgb in reader.iter_tiles([cores[i]
+                                                                             for i in idx])]))

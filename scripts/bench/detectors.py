@@ -43,13 +43,13 @@ CMU_BOXES = {"keratin flakes": (1268, 1160, 1591, 1672), "blank glass": (135, 16
 TARGETS = ("eosinophil", "neutrophil", "mast_cell")
 
 
-def _real(detectors: dict[str, str], bundle: Path) -> tuple[dict, dict]:
+def _real(detectors: dict[str, tuple[str, Path]]) -> tuple[dict, dict]:
     rows: dict = {}
     timing = {name: [0.0, 0.0] for name in detectors}  # seconds, megapixels
     for set_name, folder, mpp, where in SETS:
         tiles = open_tile_set(REAL / folder / "images", mpp, REAL / folder / "points.csv", where)
         mp = sum(read_tile(p).shape[0] * read_tile(p).shape[1] for p in tiles.images.values()) / 1e6
-        for name, kind in detectors.items():
+        for name, (kind, bundle) in detectors.items():
             det = make_tile_detector(kind, tiles, bundle)
             t0 = time.perf_counter()
             found = detect_tile_set(tiles, det)
@@ -59,7 +59,7 @@ def _real(detectors: dict[str, str], bundle: Path) -> tuple[dict, dict]:
     return rows, timing
 
 
-def _synthetic(detectors: dict[str, str], bundle: Path, seeds=(101, 102, 103)) -> dict:
+def _synthetic(detectors: dict[str, tuple[str, Path]], seeds=(101, 102, 103)) -> dict:
     import openslide
 
     from cellclf.synth import render_slide
@@ -74,7 +74,7 @@ def _synthetic(detectors: dict[str, str], bundle: Path, seeds=(101, 102, 103)) -
             with openslide.OpenSlide(str(slide)) as s:
                 images.append(np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB")))
             truth_all.append([p for p in read_points(truth) if p.name != "red_cell"])
-        for name, kind in detectors.items():
+        for name, (kind, bundle) in detectors.items():
             det = make_tile_detector(kind, images, bundle)
             agg: dict = {}
             for rgb, pts in zip(images, truth_all, strict=True):
@@ -94,14 +94,14 @@ def _synthetic(detectors: dict[str, str], bundle: Path, seeds=(101, 102, 103)) -
     return out
 
 
-def _cmu(detectors: dict[str, str], bundle: Path) -> dict:
+def _cmu(detectors: dict[str, tuple[str, Path]]) -> dict:
     import openslide
 
     with openslide.OpenSlide(str(CMU)) as s:
         full = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
         mpp = float(s.properties["openslide.mpp-x"])
     out = {}
-    for name, kind in detectors.items():
+    for name, (kind, bundle) in detectors.items():
         det = make_tile_detector(kind, [full], bundle)
         for region, (x0, y0, x1, y1) in CMU_BOXES.items():
             area_mm2 = (x1 - x0) * (y1 - y0) * (mpp * 1e-3) ** 2
@@ -112,13 +112,19 @@ def _cmu(detectors: dict[str, str], bundle: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=REPO / "models" / "cellclf-detector-v1")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=BUNDLE",
+                    help="another learned bundle as an extra column (e.g. a dev-only fine-tune)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    detectors = {"classical": "classical", "classical-adaptive": "classical-adaptive",
-                 "learned": "learned"}
-    rows, timing = _real(detectors, args.bundle)
-    synth = _synthetic(detectors, args.bundle)
-    cmu = _cmu(detectors, args.bundle)
+    detectors = {"classical": ("classical", None),
+                 "classical-adaptive": ("classical-adaptive", None),
+                 "learned": ("learned", args.bundle)}
+    for item in args.extra:
+        name, _, path = item.partition("=")
+        detectors[name] = ("learned", Path(path))
+    rows, timing = _real(detectors)
+    synth = _synthetic(detectors)
+    cmu = _cmu(detectors)
     names = list(detectors)
     lines = [f"Detectors: classical (Ruifrok-Johnston stain, glass 245), classical-adaptive (the "
              f"tile set's own Macenko stain and glass), learned (`{args.bundle.name}`, trained on "
