@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a "
                     "shared 2-core machine)")
     ap.add_argument("--synth-dir", type=Path, default=None, help="reuse rendered slides here")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue training from this bundle's weights (same data)")
     args = ap.parse_args()
     mpp = 1.0
     tiles = open_tile_set(BM_GRAZ / "images", BM_GRAZ_MPP, BM_GRAZ / "points.csv")
@@ -62,7 +64,7 @@ def main() -> None:
             im = from_slide(slide, slide.with_suffix(".geojson"), mpp)
             (val if seed in SYNTH_VAL else train).append(im)
         card = train_detector(train, val, args.out, DATA_CARD, mpp=mpp, minutes=args.minutes,
-                              threads=args.threads)
+                              threads=args.threads, init=args.init)
     print(f"wrote {args.out}: threshold {card['threshold']}, held-out {card['validation']}")
 
 

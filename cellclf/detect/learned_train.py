@@ -196,7 +196,9 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
                          "batch": batch, "patch_px": patch_px, "seed": seed,
                          "scale_jitter": scale_jitter,
                          "final_loss": float(np.mean(losses[-50:])) if losses else None,
-                         "init": str(init) if init else None},
+                         "init": str(init) if init else None,
+                         "init_training": (LearnedDetector(init).card.get("training")
+                                           if init else None)},
             "data": data_card}
     export_onnx(HeatmapGraph(net).eval(), out / "detector.onnx")
     from cellclf.model.onnx_export import sha256_file
