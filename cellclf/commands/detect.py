@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_choice, check_mpp, check_output_file
+
 
 def register(app: typer.Typer) -> None:
     @app.command("detect")
@@ -33,7 +35,7 @@ def register(app: typer.Typer) -> None:
         detector_bundle: Path = typer.Option(None, "--detector-bundle",
                                              help="Detector bundle for --detector learned "
                                                   "(default: models/cellclf-detector-v1)."),
-        workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
@@ -45,6 +47,12 @@ def register(app: typer.Typer) -> None:
         from cellclf.detect.candidates import detect_tiles_to_csv, detect_to_geojson
         from cellclf.errors import ConfigError
 
+        check_mpp(mpp)
+        check_output_file("--out", out)
+        if metrics_json is not None:
+            check_output_file("--metrics-json", metrics_json)
+        check_choice("--backend", backend, ("auto", "numpy", "torch"))
+        check_choice("--detector", detector, ("classical", "learned", "classical-adaptive"))
         if not match_um > 0:
             raise ConfigError(f"--match-um must be positive, got {match_um}")
         if slide.is_dir():
