@@ -106,3 +106,22 @@ def test_stain_shifted_cmu_region_gives_same_candidates(tmp_path: Path) -> None:
     print(f"agreement adaptive {agreement(ref, adaptive):.3f} fixed {agreement(ref, fixed):.3f}")
     assert agreement(ref, adaptive) >= 0.90
     assert agreement(ref, fixed) < agreement(ref, adaptive) - 0.1
+
+
+def test_estimate_matches_synthetic_slide_optics(tiny_slide) -> None:
+    """A `cellclf synth` slide: the estimate recovers the stain vectors and glass it was drawn
+    with (make_optics of its seed), through the slide reader used by run_slide."""
+    from cellclf.detect.stain import slide_stain
+    from cellclf.synth.render import make_optics
+    from cellclf.wsi.tile_reader import TileReader
+    from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail
+
+    slide, _ = tiny_slide
+    with TileReader(slide, 0.5, workers=1) as reader:
+        small, ds = tissue_thumbnail(reader)
+        est = slide_stain(reader, require_tissue(tissue_mask(small, ds, reader.mpp), slide), 256.0)
+    optics = make_optics(11, 0.3)  # the tiny_slide fixture's seed and difficulty
+    truth = optics.stain / np.linalg.norm(optics.stain, axis=1, keepdims=True)
+    assert est.source == "macenko"
+    assert np.dot(est.haematoxylin, truth[0]) > 0.99 and np.dot(est.eosin, truth[1]) > 0.97
+    assert np.allclose(est.glass, optics.i0, atol=2.0)
