@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cellclf.errors import ConfigError, ModelMismatchError
+from cellclf.gate.decide import gate_decisions
 
 REVIEW_CONTEXT_PX = 160  # side of the context image at the model's mpp (80 µm at 0.5 µm/px)
 
@@ -131,9 +132,8 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
               progress: Callable[[int, int], None] | None = None) -> Any:
     """Run one slide; ``on_review(items)`` receives ReviewItem batches for gated cells."""
     from cellclf.detect.classical import detect_halo_um
-    from cellclf.gate.conformal import aps_sets
     from cellclf.gate.slide_guard import OODParams, is_ood, sample_tiles, slide_stats
-    from cellclf.gate.thresholds import GateParams, apply_gate, review_priority
+    from cellclf.gate.thresholds import review_priority
     from cellclf.outputs.results import SlideResult
     from cellclf.wsi.crops import crop_halo_um
     from cellclf.wsi.slide import Slide
@@ -154,7 +154,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     try:
         small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
         tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
-        thumb, ds = _overlay_thumbnail(reader, small, small_ds, 1600)
+        thumb, ds = overlay_thumbnail(reader, small, small_ds, 1600)
         tissue_mm2 = tissue.area_mm2(mpp)
         # the halo holds a whole cell for detection and a whole crop for every owned cell
         halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp),
@@ -164,8 +164,6 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
                           params.min_tissue_fraction)
         timings["open_tissue_tiling"] = time.perf_counter() - t0
 
-        gate = (GateParams.from_dict(card["gate"], classes=classes) if card.get("gate") else None)
-        aps = card.get("conformal")
         ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
         t1 = time.perf_counter()
         if card.get("ood"):
@@ -179,18 +177,13 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
 
         def consume(xy0: np.ndarray, probs: np.ndarray, cut: Callable[[np.ndarray], tuple]) -> None:
             """Gate one batch of classified cells; ``cut(rows)`` → (crops, context) for review."""
-            if gate is not None:
-                accept, reason = apply_gate(probs, gate, ood_slide=ood_info["flagged"])
-            else:
-                accept = np.zeros(len(probs), bool)
-                reason = np.full(len(probs), "uncertified_class", dtype=object)
-            conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
+            accept, reason, conf = gate_decisions(probs, card, ood_info["flagged"])
             if review is not None and (~accept).any():
                 rows = np.flatnonzero(~accept)
                 crops, ctx = cut(rows)
                 args = (slide_id, str(path), acc.n + rows, xy0[rows], probs[rows], reason[rows],
                         conf[rows], crops, ctx, classes, review_priority(probs[rows]))
-                review.submit(lambda encode, args=args: _review_items(*args, encode=encode))
+                review.submit(lambda encode, args=args: review_items(*args, encode=encode))
             acc.xy0.append(xy0)
             acc.probs.append(probs.astype(np.float32))
             acc.accept.append(accept)
@@ -232,7 +225,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
                "decode": "device" if decoded_on_device else "host"})
 
 
-def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
+def overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
                        max_px: int) -> tuple[np.ndarray, float]:
     """The overlay's thumbnail: the tissue thumbnail shrunk when it is large enough, else a read."""
     if max(small.shape[:2]) < max_px:
@@ -361,7 +354,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth:
         yield queue.popleft().result()
 
 
-def _review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray, probs: np.ndarray,
+def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray, probs: np.ndarray,
                   reason: np.ndarray, conf: np.ndarray, crops: np.ndarray,
                   ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
                   encode: Callable = lambda f, xs: [f(x) for x in xs]) -> list:
