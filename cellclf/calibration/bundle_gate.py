@@ -47,11 +47,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     from cellclf.card import bundle_paths, load_card
     from cellclf.evaluation.evaluate import evaluate
     from cellclf.evaluation.gate_metrics import gated_rows
-    from cellclf.gate.conformal import fit_aps
-    from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
-    from cellclf.gate.temperature import ece, fit_temperature, softmax
-    from cellclf.gate.thresholds import fit_gate
-    from cellclf.outputs.atomic import atomic_write_json
+    from cellclf.gate.slide_guard import slide_ood_stats
 
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
@@ -69,14 +65,42 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     logits, labels = gated_rows(table)
     if len(labels) == 0:
         raise CellclfError(f"{data}: no detected cells to calibrate on")
+    stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
+             for e in source.entries]
+    provenance = {
+        "data": str(data), "slides": [e.slide_id for e in source.entries],
+        "assumption": "the guarantee holds for slides exchangeable with these calibration "
+                      "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
+                      "whose stain or focus falls far outside them to review"}
+    return write_calibration(paths.root, logits, labels, stats, provenance, alpha=alpha,
+                             delta=delta, alpha_set=alpha_set, beta=beta,
+                             alpha_per_class=alpha_per_class, out=out)
+
+
+def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list, provenance: dict,
+                      *, alpha: float = 0.01, delta: float = 0.05, alpha_set: float = 0.1,
+                      beta: float | None = DEFAULT_BETA,
+                      alpha_per_class: dict[str, float] | None = None,
+                      out: str | Path | None = None) -> dict[str, Any]:
+    """Fit temperature, gate, conformal sets (on calibration ``logits``/``labels``) and the OOD
+    guard (on the slides' ``stats``) and write them into the bundle's card.json; ``provenance``
+    (data, slides, assumption) goes into its ``calibration`` section. Shared by
+    :func:`calibrate_bundle` and ``cellclf label --calibrate`` (held-aside labelled cells)."""
+    from cellclf.card import bundle_paths, load_card
+    from cellclf.gate.conformal import fit_aps
+    from cellclf.gate.slide_guard import fit_ood
+    from cellclf.gate.temperature import ece, fit_temperature, softmax
+    from cellclf.gate.thresholds import fit_gate
+    from cellclf.outputs.atomic import atomic_write_json
+
+    paths = bundle_paths(bundle)
+    card = load_card(paths.root)
     classes = list(card.classes)
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
                     alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
     aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
-    stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
-             for e in source.entries]
     ood = fit_ood(stats)
     card_d = json.loads(paths.card.read_text())
     card_d["temperature"] = float(temperature)
@@ -84,13 +108,10 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     card_d["conformal"] = aps.to_dict()
     card_d["ood"] = ood.to_dict()
     card_d["calibration"] = {
-        "data": str(data), "slides": [e.slide_id for e in source.entries],
+        **provenance,
         "n_cells": int(len(labels)), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
-        "alpha_set": alpha_set,
-        "assumption": "the guarantee holds for slides exchangeable with these calibration "
-                      "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
-                      "whose stain or focus falls far outside them to review"}
+        "alpha_set": alpha_set}
     atomic_write_json(paths.card, card_d)
     load_card(paths.root)  # validate what we wrote
     if paths.onnx.is_file():  # the graph bakes in the temperature: keep it in step

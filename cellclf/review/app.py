@@ -133,7 +133,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         return s
 
     def page(request: Request, name: str, s: auth.Session | None, **ctx: Any) -> HTMLResponse:
-        ctx.update(user=s, classes=st.classes, labels=st.labels)
+        ctx.update(user=s, classes=st.classes, labels=st.labels, mode=st.mode)
         return templates.TemplateResponse(request, name, ctx)
 
     # ---------------------------------------------------------------- login / logout

@@ -74,6 +74,13 @@ class StoreQueries:
         return {"total": int(total), "done": int(done), "pending": int(total) - int(done),
                 "claimed": int(claimed)}
 
+    def item_keys(self) -> list[tuple[str, int, str]]:
+        """``(slide_id, cell_id, reason)`` of every queued cell, labelled or not."""
+        it = S.items
+        with self._tx() as c:
+            return [(r[0], int(r[1]), r[2]) for r in
+                    c.execute(sa.select(it.c.slide_id, it.c.cell_id, it.c.reason))]
+
     def progress_by_slide(self) -> list[dict[str, Any]]:
         it = S.items
         done = sa.func.sum(sa.case((it.c.needs_review == 0, 1), else_=0))

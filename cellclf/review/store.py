@@ -31,6 +31,8 @@ from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
     DEFAULT_CLASSES,
+    MODES,
+    NOT_A_CELL,
     PNG_SIGNATURE,
     REASONS,
     FinalLabel,
@@ -41,7 +43,7 @@ from cellclf.review.types import (
     image_media_type,
 )
 
-__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "REASONS", "FinalLabel", "Item", "LeaseError",
+__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "NOT_A_CELL", "REASONS", "FinalLabel", "Item", "LeaseError",
            "ReviewItem", "ReviewStore", "ReviewStoreError", "consensus", "open_store"]
 
 
@@ -81,7 +83,8 @@ class ReviewStore(StoreQueries):
                 f"review store {url} holds classes {self.classes}, not {list(classes)}; use a new "
                 "store for a model with other classes")
         self.required_reviews = int(stored.get("required_reviews", "1"))
-        self.labels: list[str] = [*self.classes, CANT_TELL]
+        self.mode: str = stored.get("mode", "review")
+        self.labels: list[str] = self._labels_for(self.classes, self.mode)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -101,9 +104,25 @@ class ReviewStore(StoreQueries):
 
     @staticmethod
     def _check_classes(cls: list[str]) -> None:
-        if not cls or len(set(cls)) != len(cls) or CANT_TELL in cls:
+        if not cls or len(set(cls)) != len(cls) or {CANT_TELL, NOT_A_CELL} & set(cls):
             raise ReviewStoreError(f"invalid class list {cls}: names must be unique, non-empty "
-                                   f"and not {CANT_TELL!r}")
+                                   f"and not {CANT_TELL!r} or {NOT_A_CELL!r}")
+
+    @staticmethod
+    def _labels_for(classes: list[str], mode: str) -> list[str]:
+        """The labels a reviewer may give: the classes, can't tell, and in labelling mode also
+        not a cell."""
+        return [*classes, CANT_TELL] + ([NOT_A_CELL] if mode == "labelling" else [])
+
+    def set_mode(self, mode: str) -> None:
+        """``review`` (gated cells of inference) or ``labelling`` (``cellclf label`` projects:
+        cells chosen for labelling, with the extra label ``not_a_cell``)."""
+        if mode not in MODES:
+            raise ReviewStoreError(f"unknown review store mode {mode!r}: use one of {MODES}")
+        with self._tx(write=True) as c:
+            self._set_meta(c, "mode", mode)
+        self.mode = mode
+        self.labels = self._labels_for(self.classes, mode)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -125,7 +144,7 @@ class ReviewStore(StoreQueries):
                     f"use a new store for classes {cls}")
             self._set_meta(c, "classes", json.dumps(cls))
         self.classes = cls
-        self.labels = [*cls, CANT_TELL]
+        self.labels = self._labels_for(cls, self.mode)
 
     def close(self) -> None:
         self.engine.dispose()

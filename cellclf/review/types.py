@@ -13,7 +13,11 @@ from cellclf.review.schema import ReviewStoreError
 
 DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
 CANT_TELL = "cant_tell"
-REASONS = ("low_confidence", "uncertified_class", "ood_slide")
+NOT_A_CELL = "not_a_cell"  # a label of labelling mode only (a detector candidate that is no cell)
+TO_LABEL = "to_label"  # reason of a cell `cellclf label` chose to label (its label trains)
+HELD_ASIDE = "held_aside"  # reason of a cell `cellclf label` drew at random (never trains)
+REASONS = ("low_confidence", "uncertified_class", "ood_slide", TO_LABEL, HELD_ASIDE)
+MODES = ("review", "labelling")  # labelling: `cellclf label` projects (adds the not-a-cell label)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 

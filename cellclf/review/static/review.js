@@ -6,7 +6,9 @@
   const body = document.body;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const filt = { slide: body.dataset.slide || null, predicted: body.dataset.predicted || null };
-  const labels = JSON.parse(body.dataset.labels); // classes in store order, then "cant_tell"
+  // classes in store order, then "cant_tell" (and "not_a_cell" in labelling mode)
+  const labels = JSON.parse(body.dataset.labels);
+  const nClasses = labels.filter((l) => l !== "cant_tell" && l !== "not_a_cell").length;
   const $ = (id) => document.getElementById(id);
   let head = null;      // the cell the queue gave us (held under our lease)
   let history = [];     // cells we labelled, newest first
@@ -162,8 +164,9 @@
   document.addEventListener("keydown", (ev) => {
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const k = ev.key;
-    if (k >= "1" && k <= "9" && Number(k) <= labels.length - 1) label(labels[Number(k) - 1]);
+    if (k >= "1" && k <= "9" && Number(k) <= nClasses) label(labels[Number(k) - 1]);
     else if (k === "0") label("cant_tell");
+    else if ((k === "x" || k === "X") && labels.includes("not_a_cell")) label("not_a_cell");
     else if (k === "u" || k === "U") undo();
     else if (k === "ArrowLeft") back();
     else if (k === "ArrowRight") forward();
