@@ -65,11 +65,14 @@ def register(app: typer.Typer) -> None:
                                              "reaches this and calibration has its cells."),
         max_labels: int = typer.Option(None, "--max-labels",
                                        help="--next: stop queueing once this many labels exist."),
+        alpha: float = typer.Option(None, help="The gate's error bound per class (start: kept in "
+                                               "project.yaml for the calibration counts, default "
+                                               "0.01; --calibrate: overrides it)."),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
     ) -> None:
         """Label cells in the review app to train a lab's own model: `cellclf label SLIDES --out
         PROJECT` detects candidates and queues a first diverse batch; label it (`cellclf review
-        serve PROJECT/review.sqlite`, keys 1-9, 0 can't tell, X not a cell); `cellclf label
+        serve --db PROJECT/review.sqlite`, keys 1-9, 0 can't tell, X not a cell); `cellclf label
         --next PROJECT` trains, reports and queues the next batch; `--calibrate PROJECT` at the
         end."""
         from cellclf.errors import ConfigError
@@ -85,7 +88,7 @@ def register(app: typer.Typer) -> None:
             _print_round(run_next_round(next_round, target_f1=target_f1, max_labels=max_labels))
             return
         if calibrate is not None:
-            s = calibrate_project(calibrate, workers=workers)
+            s = calibrate_project(calibrate, alpha=alpha, workers=workers)
             typer.echo(f"calibrated {s['bundle']} on {s['n_cells']} held-aside cells: temperature "
                        f"{s['temperature']:.3f}, certified "
                        f"{[c for c, t in s['gate']['thresholds'].items() if t is not None]}")
@@ -94,12 +97,14 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("cellclf label --out PROJECT needs the slides to label")
         cfg = ProjectConfig(batch_size=batch, holdout_fraction=holdout,
                             train_config=str(config) if config else None)
+        if alpha is not None:
+            cfg.alpha = alpha
         if classes:
             cfg.classes = [c.strip() for c in classes.split(",") if c.strip()]
             cfg.other_class = other or cfg.classes[-1]
         elif other:
             cfg.other_class = other
         _print_round(start_project(slides, out, cfg, workers=workers))
-        typer.echo(f"label them: cellclf review serve {out / 'review.sqlite'}; then: "
+        typer.echo(f"label them: cellclf review serve --db {out / 'review.sqlite'}; then: "
                    f"cellclf label --next {out}")
 

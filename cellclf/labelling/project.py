@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from cellclf.errors import ConfigError
+from cellclf.model.config import DataConfig
+
+_DATA = DataConfig()  # cellclf's training defaults: classes, catch-all class, resolution, crop
 
 PROJECT_FILE = "project.yaml"
 
@@ -31,11 +34,10 @@ class ProjectSlide:
 class ProjectConfig:
     """The editable settings of a labelling project (``PROJECT/project.yaml``)."""
 
-    classes: list[str] = field(default_factory=lambda: ["eosinophil", "neutrophil", "mast_cell",
-                                                        "other"])
-    other_class: str = "other"  # "not a cell" answers train as this class
-    work_mpp: float = 0.5
-    crop_px: int = 64
+    classes: list[str] = field(default_factory=lambda: list(_DATA.classes))
+    other_class: str = _DATA.other_class  # "not a cell" answers train as this class
+    work_mpp: float = _DATA.work_mpp
+    crop_px: int = _DATA.crop_px
     batch_size: int = 40  # cells queued per round
     holdout_fraction: float = 0.25  # share of each batch drawn at random and held aside
     max_candidates_per_slide: int = 4000  # the pool: a random subset of each slide's candidates

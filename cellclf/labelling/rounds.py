@@ -273,7 +273,7 @@ def next_round(root: str | Path, target_f1: float | None = None,
             raise LabellingError(
                 f"{project.root}: {int((~labels.held_aside).sum())} cells labelled for training "
                 f"({len(train_classes)} class(es)); label at least two classes first: "
-                f"`cellclf review serve {project.root / 'review.sqlite'}`")
+                f"`cellclf review serve --db {project.root / 'review.sqlite'}`")
         n = (project.rounds_done() or [0])[-1] + 1
         out = project.round_dir(n)
         out.mkdir(parents=True, exist_ok=True)
