@@ -60,7 +60,11 @@ def _qupath_export(src: Path, dst: Path, order: np.ndarray, polygons: bool) -> N
             geom = {"type": "Point", "coordinates": [x, y]}
         out.append({"type": "Feature", "geometry": geom,
                     "properties": {"objectType": "detection"}})
-    dst.write_text(json.dumps({"type": "FeatureCollection", "features": out}))
+    tissue = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[0, 0], [2048, 0], [2048, 2048], [0, 2048], [0, 0]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}}
+    # QuPath exports the annotation the detections were made in too: not a cell
+    dst.write_text(json.dumps({"type": "FeatureCollection", "features": [tissue, *out]}))
 
 
 @pytest.mark.parametrize("polygons", [False, True])

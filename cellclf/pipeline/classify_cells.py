@@ -7,7 +7,8 @@ at the given centres (:func:`cellclf.wsi.crops.extract_crops`, equal to infer's 
 the engine, the gate (:func:`cellclf.gate.decide.gate_decisions`), review items
 (:func:`cellclf.pipeline.run_slide.review_items`) and the per-slide outputs
 (:func:`cellclf.outputs.results.write_slide_results`). Cell ``i`` of the outputs is the ``i``-th
-input cell (GeoJSON order; a MultiPoint gives one cell per position).
+input cell (GeoJSON order; a MultiPoint gives one cell per position; QuPath annotation objects
+beside detections are not cells).
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ from cellclf.wsi.slide import Slide
 from cellclf.wsi.tile_reader import TileReader
 from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail_px
 
+CELL_OBJECT_TYPES = ("detection", "cell", "tile")  # QuPath's objectType of detection objects
+
 
 def read_cell_centres(cells: str | Path) -> np.ndarray:
-    """Level-0 centres (N×2, input order) of a GeoJSON of cells: points, or polygon centroids."""
+    """Level-0 centres (N×2, input order) of a GeoJSON of cells: points, or polygon centroids.
+    When the export marks its objects (QuPath's ``objectType``) and holds detections, the other
+    objects (e.g. the tissue annotation drawn around them) are not cells and are left out."""
     points = read_points(cells)
+    kinds = [str(p.properties.get("objectType", "")) for p in points]
+    if any(k in CELL_OBJECT_TYPES for k in kinds):
+        points = [p for p, k in zip(points, kinds, strict=True) if k in CELL_OBJECT_TYPES or not k]
     if not points:
         raise AnnotationError(f"{cells}: no cells (points or polygons) in this GeoJSON; export "
                               "the detections from QuPath (File > Export objects as GeoJSON)")
