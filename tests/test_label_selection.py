@@ -15,6 +15,7 @@ from cellclf.labelling.rounds import calibration_needs, holdout_metrics
 from cellclf.labelling.selection import (
     cell_features,
     k_center_greedy,
+    kmeans_medoids,
     pool_features,
     random_batch,
     select_batch,
@@ -39,6 +40,19 @@ def test_k_center_covers_rare_clusters_that_random_misses():
     assert np.mean(hits) < 3.5
 
 
+def test_kmeans_medoids_take_one_central_cell_per_mode():
+    x, group = clusters([300, 300, 20, 20, 20])
+    means = np.array([x[group == g].mean(axis=0) for g in range(5)])
+    picks = [kmeans_medoids(x, 5, np.arange(len(x)), seed=s) for s in range(5)]
+    assert all(sorted(group[p]) == [0, 1, 2, 3, 4] for p in picks)  # rare modes too
+    off_centre = [np.linalg.norm(x[p] - means[group[p]], axis=1).mean() for p in picks]
+    kc = k_center_greedy(x, 5, np.arange(len(x)))
+    kc_off = np.linalg.norm(x[kc] - means[group[kc]], axis=1).mean()
+    assert max(off_centre) < 0.5 < kc_off  # medoids sit in the modes, k-center on their edges
+    with pytest.raises(ValueError, match="selection method"):
+        select_batch(x, 3, np.zeros(len(x), bool), method="spiral")
+
+
 def test_k_center_counts_distance_from_cells_already_queued():
     x, group = clusters([50, 50, 50])
     queued = np.flatnonzero(group < 2)[:10]  # cells of clusters 0 and 1 already queued
@@ -52,9 +66,10 @@ def test_select_batch_takes_uncertain_cells_and_never_queued_ones():
     probs[group == 1] = [0.5, 0.5]  # the model is unsure about cluster 1 only
     queued = np.zeros(200, bool)
     queued[100:110] = True
-    pick = select_batch(x, 10, queued, probs, pool_factor=5)
-    assert len(pick) == 10 and not queued[pick].any()
-    assert (group[pick] == 1).all()
+    for method in ("kmeans", "kcenter"):
+        pick = select_batch(x, 10, queued, probs, pool_factor=5, method=method)
+        assert len(pick) == 10 and not queued[pick].any()
+        assert (group[pick] == 1).all()
     np.testing.assert_allclose(uncertainty(np.array([[0.5, 0.5], [1.0, 0.0]])), [1.0, 0.0])
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cellclf.errors import ConfigError
+from cellclf.labelling.selection import SELECTION_METHODS
 from cellclf.model.config import DataConfig
 
 _DATA = DataConfig()  # cellclf's training defaults: classes, catch-all class, resolution, crop
@@ -40,6 +41,7 @@ class ProjectConfig:
     crop_px: int = _DATA.crop_px
     batch_size: int = 40  # cells queued per round
     holdout_fraction: float = 0.25  # share of each batch drawn at random and held aside
+    selection: str = "kmeans"  # how a batch is spread: kmeans (medoids) or kcenter (greedy)
     max_candidates_per_slide: int = 4000  # the pool: a random subset of each slide's candidates
     train_config: str | None = None  # a training YAML (default: cellclf's defaults)
     train_overrides: list[str] = field(default_factory=list)
@@ -56,6 +58,9 @@ class ProjectConfig:
             raise ConfigError(f"{where}: classes must be at least two unique names")
         if self.batch_size < 1 or not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"{where}: batch_size must be ≥ 1 and holdout_fraction in [0, 1)")
+        if self.selection not in SELECTION_METHODS:
+            raise ConfigError(f"{where}: selection must be one of {SELECTION_METHODS}, got "
+                              f"{self.selection!r}")
         if not 0 < self.alpha < 1 or not 0 < self.delta < 1:
             raise ConfigError(f"{where}: alpha and delta must be in (0, 1)")
 

@@ -57,8 +57,8 @@ def open_project_store(project: Project, cfg: ProjectConfig) -> ReviewStore:
 
 def start_project(slides: list[str], root: str | Path, cfg: ProjectConfig | None = None,
                   workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Detect candidates on ``slides``, store the pool and queue the first batch (k-center greedy
-    over appearance and slide, plus a random held-aside share). Returns round 0's report."""
+    """Detect candidates on ``slides``, store the pool and queue the first batch (spread over
+    appearance and slide, plus a random held-aside share). Returns round 0's report."""
     from cellclf.detect.slide_detection import detect_slide
     from cellclf.outputs.manifest import slide_id_for
     from cellclf.pipeline.batch import expand_slides
@@ -109,8 +109,8 @@ def start_project(slides: list[str], root: str | Path, cfg: ProjectConfig | None
     report = {"round": 0, "n_candidates": len(pool), "queued": queued,
               "slides": {s.slide_id: int((slide_index == k).sum())
                          for k, s in enumerate(cfg.slides)},
-              "method": "k-center greedy over stain-OD histograms, nucleus share, mean colour "
-                        "and slide; plus a random held-aside share"}
+              "method": f"{cfg.selection} over stain-OD histograms, nucleus share, mean "
+                        "colour and slide; plus a random held-aside share"}
     _write_report(project, 0, report)
     return report
 
@@ -146,7 +146,8 @@ def queue_batch(project: Project, cfg: ProjectConfig, store: ReviewStore, pool: 
     seed = cfg.seed * 1009 + round_no
     hold = random_batch(n_hold, queued, seed)
     queued[hold] = True
-    active = select_batch(pool.features, cfg.batch_size - len(hold), queued, probs, seed=seed)
+    active = select_batch(pool.features, cfg.batch_size - len(hold), queued, probs, seed=seed,
+                          method=cfg.selection)
     rows = np.concatenate([active, hold])
     roles = np.array([TO_LABEL] * len(active) + [HELD_ASIDE] * len(hold), dtype=object)
     order = np.random.default_rng(seed).permutation(len(rows))  # roles mixed in the queue

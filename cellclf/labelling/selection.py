@@ -1,18 +1,23 @@
-"""Which cells to label next: cheap appearance features, k-center greedy coverage, uncertainty.
+"""Which cells to label next: cheap appearance features, spreading a batch over the pool,
+uncertainty.
 
 Pure numpy (no files, no model). The method:
 
 - **features** of a candidate (:func:`cell_features`): histograms of the haematoxylin and eosin
   optical densities (colour deconvolution, :func:`cellclf.gate.slide_guard.stain_concentrations`)
   inside the central disc of its crop, the share of dark-nucleus pixels (a size measure) and the
-  mean RGB; z-scored over the pool, plus a one-hot of the slide so that k-center also spreads
-  over slides.
-- **first batch** (no model yet): k-center greedy (Sener & Savarese 2018) over all candidates —
-  each pick is the candidate farthest from every pick so far, so the batch covers the slides and
-  the candidates' appearance, not the commonest look.
+  mean RGB; z-scored over the pool, plus a one-hot of the slide so that a batch also spreads over
+  slides.
+- **spreading** a batch of k over a set of candidates: ``kmeans`` (default) — k-means with a
+  k-means++ start, then the candidate nearest each centre (:func:`kmeans_medoids`): one
+  representative per mode of the pool, rare modes included (k-means++ favours far points);
+  ``kcenter`` — k-center greedy (Sener & Savarese 2018, :func:`k_center_greedy`): each pick the
+  candidate farthest from all picks and queued cells. k-center covers the space but picks its
+  outliers; on the label-efficiency benchmark (docs/benchmarks.md) it lost to random selection
+  at 20 labels, while k-means medoids matched or beat random at every budget.
+- **first batch** (no model yet): spread over all candidates.
 - **later batches**: the ``pool_factor × k`` most uncertain unlabelled candidates by the current
-  model's margin (1 − (p₁ − p₂)), then k-center greedy among them, distances counted from every
-  cell already queued: uncertain *and* diverse (no batch of near-duplicates).
+  model's margin (1 − (p₁ − p₂)), spread: uncertain *and* diverse (no batch of near-duplicates).
 - **held-aside cells**: a share of each batch drawn uniformly at random from the unlabelled
   candidates; their labels never train, so accuracy estimated on them (and a gate calibrated on
   them) describes the candidate population, not the cells active selection found hard.
@@ -87,22 +92,66 @@ def k_center_greedy(features: np.ndarray, k: int, candidates: np.ndarray,
     return cand[np.asarray(picks, np.int64)]
 
 
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.maximum((x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None], 0.0)
+
+
+def kmeans_medoids(features: np.ndarray, k: int, candidates: np.ndarray, seed: int = 0,
+                   iters: int = 20) -> np.ndarray:
+    """``k`` indices from ``candidates``: k-means (k-means++ start, Lloyd iterations) over their
+    features, then the candidate nearest each centre, largest clusters first: the central cell
+    of every mode of the pool (k-center greedy picks the modes' edges). Deterministic for a
+    seed."""
+    cand = np.asarray(candidates, np.int64)
+    k = min(int(k), len(cand))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    x = np.asarray(features, np.float64)[cand]
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    d2 = _sq_dist(x, centres[0][None])[:, 0]
+    for _ in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1.0 / len(x))
+        centres.append(x[rng.choice(len(x), p=p)])
+        d2 = np.minimum(d2, _sq_dist(x, centres[-1][None])[:, 0])
+    c = np.array(centres)
+    for _ in range(iters):
+        assign = _sq_dist(x, c).argmin(axis=1)
+        for j in range(k):
+            if (assign == j).any():
+                c[j] = x[assign == j].mean(axis=0)
+    d = _sq_dist(x, c)
+    sizes = np.bincount(d.argmin(axis=1), minlength=k)
+    taken: set[int] = set()
+    for j in np.argsort(-sizes, kind="stable"):
+        taken.add(next(int(i) for i in np.argsort(d[:, j], kind="stable") if int(i) not in taken))
+    return cand[np.array(sorted(taken), np.int64)]
+
+
 def uncertainty(probs: np.ndarray) -> np.ndarray:
     """1 − margin between the two most probable classes (1 = a coin toss, 0 = certain)."""
     p = np.sort(np.asarray(probs, np.float64), axis=1)
     return 1.0 - (p[:, -1] - p[:, -2]) if p.shape[1] > 1 else np.zeros(len(p))
 
 
+SELECTION_METHODS = ("kmeans", "kcenter")
+
+
 def select_batch(features: np.ndarray, k: int, queued: np.ndarray,
                  probs: np.ndarray | None = None, pool_factor: int = 5,
-                 seed: int = 0) -> np.ndarray:
-    """``k`` unqueued candidates to label: k-center greedy over all of them (``probs`` None), or
-    over the ``pool_factor·k`` most uncertain by ``probs`` (N×K over all candidates). ``queued``:
-    bool mask of candidates already queued (labelled or waiting)."""
+                 seed: int = 0, method: str = "kmeans") -> np.ndarray:
+    """``k`` unqueued candidates to label, spread by ``method`` (``kmeans``: k-means medoids;
+    ``kcenter``: k-center greedy counting distances from the queued cells too) over all of them
+    (``probs`` None) or over the ``pool_factor·k`` most uncertain by ``probs`` (N×K over all
+    candidates). ``queued``: bool mask of candidates already queued (labelled or waiting)."""
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"selection method must be one of {SELECTION_METHODS}, got {method!r}")
     free = np.flatnonzero(~np.asarray(queued, bool))
     if probs is not None and len(free) > pool_factor * k:
         u = uncertainty(np.asarray(probs)[free])
         free = free[np.argsort(-u, kind="stable")[:pool_factor * k]]
+    if method == "kmeans":
+        return kmeans_medoids(features, k, free, seed=seed)
     return k_center_greedy(features, k, free, centres=np.flatnonzero(queued), seed=seed)
 
 
