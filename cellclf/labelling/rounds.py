@@ -30,7 +30,8 @@ from cellclf.labelling.selection import (
     select_batch,
 )
 from cellclf.outputs.atomic import atomic_write_json
-from cellclf.pipeline.run_slide import REVIEW_CONTEXT_PX, jpeg_bytes, png_bytes
+from cellclf.pipeline.host_stage import jpeg_bytes, png_bytes
+from cellclf.pipeline.stage import REVIEW_CONTEXT_PX
 from cellclf.review.store import CANT_TELL, NOT_A_CELL, ReviewItem, ReviewStore
 from cellclf.review.types import HELD_ASIDE, TO_LABEL
 

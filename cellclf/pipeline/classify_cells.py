@@ -2,10 +2,10 @@
 one slide, without detecting them again — ``cellclf classify-cells``.
 
 The same steps as :func:`cellclf.pipeline.run_slide.run_slide` after detection, from the same
-pieces: tissue mask and OOD sample (:func:`cellclf.gate.slide_guard.tissue_sample_stats`), crops
-at the given centres (:func:`cellclf.wsi.crops.extract_crops`, equal to infer's tile-cut crops),
-the engine, the gate (:func:`cellclf.gate.decide.gate_decisions`), review items
-(:func:`cellclf.pipeline.run_slide.review_items`) and the per-slide outputs
+pieces: tissue mask, OOD verdict (:func:`cellclf.pipeline.run_slide.ood_check`), crops at the
+given centres (:func:`cellclf.wsi.crops.extract_crops`, equal to infer's tile-cut crops), the
+engine, the gate (:class:`cellclf.pipeline.run_slide.SlideGate`), review items
+(:func:`cellclf.pipeline.host_stage.review_items`) and the per-slide outputs
 (:func:`cellclf.outputs.results.write_slide_results`). Cell ``i`` of the outputs is the ``i``-th
 input cell (GeoJSON order; a MultiPoint gives one cell per position; QuPath annotation objects
 beside detections are not cells).
@@ -22,25 +22,24 @@ import numpy as np
 
 from cellclf.annotations.geojson import read_points
 from cellclf.errors import AnnotationError
-from cellclf.gate.decide import gate_decisions
-from cellclf.gate.slide_guard import OODParams, is_ood, tissue_sample_stats
 from cellclf.gate.thresholds import review_priority
 from cellclf.outputs.manifest import slide_id_for
 from cellclf.outputs.results import count_table, write_slide_results
 from cellclf.outputs.slide_result import SlideResult
+from cellclf.pipeline.host_stage import review_items
 from cellclf.pipeline.run_slide import (
-    REVIEW_CONTEXT_PX,
     RunParams,
+    SlideGate,
     check_model_fits,
+    ood_check,
     overlay_thumbnail,
-    review_items,
 )
 from cellclf.pipeline.slide_job import open_store
+from cellclf.pipeline.stage import REVIEW_CONTEXT_PX
 from cellclf.versions import software_versions
 from cellclf.wsi.crops import extract_crops
-from cellclf.wsi.slide import Slide
 from cellclf.wsi.tile_reader import TileReader
-from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail_px
+from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail
 
 CELL_OBJECT_TYPES = ("detection", "cell", "tile")  # QuPath's objectType of detection objects
 
@@ -67,28 +66,15 @@ def classify_cells_on_slide(path: str | Path, xy0: np.ndarray, engine: Any, card
     path = Path(path)
     t0 = time.perf_counter()
     work_mpp, crop_px = float(card["mpp"]), int(card["crop_px"])
-    classes = list(card["classes"])
-    with Slide(path, mpp=params.mpp_override) as slide:
-        check_model_fits(slide.mpp, work_mpp, path, params.max_mpp_ratio)
-        mpp, width, height, vendor = slide.mpp, slide.width, slide.height, slide.vendor
-    outside = (xy0[:, 0] < 0) | (xy0[:, 1] < 0) | (xy0[:, 0] >= width) | (xy0[:, 1] >= height)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise AnnotationError(
-            f"{path}: {int(outside.sum())} of {len(xy0)} cells lie outside the slide "
-            f"({width}×{height} level-0 px), e.g. cell {i} at ({xy0[i, 0]:.1f}, {xy0[i, 1]:.1f}); "
-            "export the detections of this slide in level-0 pixel coordinates")
     timings: dict[str, float] = {}
     with TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers) as reader:
-        small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
-        tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
-        thumb, ds = overlay_thumbnail(reader, small, small_ds, 1600)
-        ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
-        if card.get("ood"):
-            stats = tissue_sample_stats(reader, tissue, params.tile_um, params.ood_sample_tiles)
-            flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
-            ood_info = {"flagged": bool(flagged), "reasons": list(reasons),
-                        "stats": stats.to_dict()}
+        check_model_fits(reader.mpp, work_mpp, path, params.max_mpp_ratio)
+        _check_inside(xy0, reader.width, reader.height, path)
+        small, small_ds = tissue_thumbnail(reader)
+        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
+        thumb, thumb_ds = overlay_thumbnail(reader, small, small_ds, 1600)
+        ood = ood_check(reader, tissue, card, params)
+        gate = SlideGate(card, ood_slide=ood["flagged"])
         t1 = time.perf_counter()
         timings["open_tissue_ood"] = t1 - t0
         crops = extract_crops(path, xy0, work_mpp, crop_px, tile_um=params.tile_um, reader=reader)
@@ -97,20 +83,31 @@ def classify_cells_on_slide(path: str | Path, xy0: np.ndarray, engine: Any, card
         probs = np.concatenate([engine.classify(crops[s:s + params.batch])
                                 for s in range(0, len(crops), params.batch)]).astype(np.float32)
         timings["classify"] = time.perf_counter() - t2
-        accept, reason, conf = gate_decisions(probs, card, ood_info["flagged"])
+        accept, reason, conf = gate(probs)
         if on_review is not None and (~accept).any():
             rows = np.flatnonzero(~accept)
             ctx = extract_crops(path, xy0[rows], work_mpp, REVIEW_CONTEXT_PX,
                                 tile_um=params.tile_um, reader=reader)
             on_review(review_items(slide_id, str(path), rows, xy0[rows], probs[rows], reason[rows],
-                                   conf[rows], crops[rows], ctx, classes,
+                                   conf[rows], crops[rows], ctx, gate.classes,
                                    review_priority(probs[rows])))
     timings["total"] = time.perf_counter() - t0
     return SlideResult(
-        slide_id=slide_id, path=str(path), mpp=mpp, width=width, height=height, vendor=vendor,
-        classes=classes, xy0=xy0, probs=probs, accept=accept, reason=reason, conformal=conf,
-        tissue_area_mm2=tissue.area_mm2(mpp), thumbnail=thumb, thumb_downsample=ds, ood=ood_info,
-        timings_s=timings, extra={"cells_from": "input", "stage": "host"})
+        slide_id=slide_id, path=str(path), mpp=reader.mpp, width=reader.width,
+        height=reader.height, vendor=reader.vendor, classes=gate.classes, xy0=xy0, probs=probs,
+        accept=accept, reason=reason, conformal=conf, tissue_area_mm2=tissue.area_mm2(reader.mpp),
+        thumbnail=thumb, thumb_downsample=thumb_ds, ood=ood, timings_s=timings,
+        extra={"cells_from": "input", "stage": "host"})
+
+
+def _check_inside(xy0: np.ndarray, width: int, height: int, path: Path) -> None:
+    outside = (xy0[:, 0] < 0) | (xy0[:, 1] < 0) | (xy0[:, 0] >= width) | (xy0[:, 1] >= height)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise AnnotationError(
+            f"{path}: {int(outside.sum())} of {len(xy0)} cells lie outside the slide "
+            f"({width}×{height} level-0 px), e.g. cell {i} at ({xy0[i, 0]:.1f}, {xy0[i, 1]:.1f}); "
+            "export the detections of this slide in level-0 pixel coordinates")
 
 
 def run_classify_cells(slide: str | Path, cells: str | Path, model: str | Path,
