@@ -2,17 +2,26 @@
 ``cellclf evaluate``.
 
 Sits after training: classify the candidates of calibration slides that training never saw
-(:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths of
-:mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`, :mod:`cellclf.gate.slide_guard` — the
-temperature, the per-class certified thresholds, the reviewer's conformal sets and the slide-level
+(:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths
+of :mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`,
+:mod:`cellclf.gate.slide_guard` — the temperature, the per-class certified thresholds, the reviewer's conformal sets and the slide-level
 OOD guard, and write them into card.json. The guarantee holds for slides exchangeable with the
 calibration slides; the OOD guard watches that assumption. By default the gate also certifies the
 miss bound (β = :data:`DEFAULT_BETA`: at most 1 % of each target class auto-accepted as ``other``),
 so that counts after review stay right; :func:`counts_after_review` measures that on test slides.
+
+Slides as the unit (:mod:`cellclf.gate.slide_bound`): the cell-level statements treat calibration
+cells as independent draws. The slide-level gate (Learn-then-Test over slide losses) is always fitted
+and written as the card's ``gate_slides`` section, with the slides it used; ``unit`` decides which
+thresholds deployment applies: ``slides`` (every threshold raised to a certified slide-level grid
+point; classes without one go to review), ``cells`` (the cell-level gate, with the slide-level
+statement marked as not established), or ``auto`` (slides when there are enough calibration slides
+for the smallest α, else cells).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +30,39 @@ from typing import Any
 from cellclf.errors import CellclfError
 
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
+GATE_UNITS = ("auto", "cells", "slides")
+
+
+def slide_level_gate(gate: Any, slide_gate: dict[str, Any], unit: str) -> tuple[Any, str]:
+    """The gate deployment applies, and the unit chosen (pure).
+
+    ``slides``: each class's threshold is the lowest certified slide-level grid point at or above its
+    cell-level threshold (so both statements hold); a class without both goes to review.
+    """
+    from cellclf.gate.slide_bound import grid_at_or_above
+
+    if unit not in GATE_UNITS:
+        raise CellclfError(f"gate unit {unit!r}: use one of {GATE_UNITS}")
+    if unit == "auto":
+        enough = slide_gate["n_slides"] >= min(slide_gate["min_slides"].values())
+        unit = "slides" if enough else "cells"
+    if unit == "cells":
+        return gate, unit
+    thresholds: dict[str, float | None] = {}
+    notes = dict(gate.notes)
+    for c in gate.classes:
+        cell_t, slide_t = gate.thresholds.get(c), slide_gate["thresholds"].get(c)
+        if cell_t is None or slide_t is None:
+            thresholds[c] = None
+            if slide_t is None:
+                notes[c] = slide_gate["notes"].get(c, "not certified at slide level")
+        else:
+            thresholds[c] = grid_at_or_above(cell_t, slide_t)
+    guarantee = (f"{gate.guarantee} {slide_gate['guarantee']} Both hold at once with "
+                 f"probability at least {1 - 2 * gate.delta:g}.")
+    return dataclasses.replace(gate, thresholds=thresholds, notes=notes, guarantee=guarantee,
+                               method=gate.method + "; thresholds raised to the slide-level "
+                               "Learn-then-Test (Hoeffding-Bentkus) grid"), unit
 
 
 def training_slide_ids(card: Any) -> set[str]:
@@ -38,16 +80,19 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
                      delta: float = 0.05, alpha_set: float = 0.1, workers: int = 0,
                      progress: bool = True, out: str | Path | None = None,
                      beta: float | None = DEFAULT_BETA,
-                     alpha_per_class: dict[str, float] | None = None) -> dict[str, Any]:
+                     alpha_per_class: dict[str, float] | None = None,
+                     unit: str = "auto") -> dict[str, Any]:
     """Fit temperature, gate, conformal sets and OOD guard on DATA; write them into card.json.
 
     ``beta`` is the gate's miss bound (None = off), ``alpha_per_class`` overrides α per class
-    (see :func:`cellclf.gate.thresholds.fit_gate`)."""
+    (see :func:`cellclf.gate.thresholds.fit_gate`); ``unit`` which statement the thresholds
+    carry (module docstring)."""
     from cellclf.annotations.labelled_data import discover
     from cellclf.card import bundle_paths, load_card
     from cellclf.evaluation.evaluate import evaluate
     from cellclf.evaluation.gate_metrics import gated_rows
     from cellclf.gate.conformal import fit_aps
+    from cellclf.gate.slide_bound import fit_slide_gate
     from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
     from cellclf.gate.temperature import ece, fit_temperature, softmax
     from cellclf.gate.thresholds import fit_gate
@@ -67,6 +112,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
             "guarantee needs calibration slides the model never saw. Use other slides.")
     table, _ = evaluate(paths.root, data, None, workers=workers, progress=progress)
     logits, labels = gated_rows(table)
+    slide_of_cell = table.slide[table.detected].astype(str)
     if len(labels) == 0:
         raise CellclfError(f"{data}: no detected cells to calibrate on")
     classes = list(card.classes)
@@ -74,6 +120,23 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
                     alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
+    slide_gate = fit_slide_gate(probs, labels, slide_of_cell, classes, alpha, delta,
+                                gate.n_tests or len(classes), alpha_per_class=alpha_per_class)
+    gate, unit = slide_level_gate(gate, slide_gate, unit)
+    slide_gate["unit"] = unit
+    slide_gate["established"] = unit == "slides"
+    if unit == "cells":
+        need = min(slide_gate["min_slides"].values())
+        slide_gate["statement"] = (
+            f"slide-level guarantee not established: {slide_gate['n_slides']} calibration "
+            f"slides, at least {need} are needed (α = {alpha:g}, δ = {delta:g} over "
+            f"{slide_gate['n_tests']} statements) even with no errors. The thresholds carry the "
+            "cell-level statement, which treats cells as independent draws and is optimistic "
+            "when slides differ (docs/gate.md, 'Slides as the unit').")
+        gate = dataclasses.replace(gate, guarantee=f"{gate.guarantee} Note: the "
+                                   f"{slide_gate['statement']}")
+    else:
+        slide_gate["statement"] = slide_gate["guarantee"]
     aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
     stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
              for e in source.entries]
@@ -83,11 +146,12 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     card_d["gate"] = gate.to_dict()
     card_d["conformal"] = aps.to_dict()
     card_d["ood"] = ood.to_dict()
+    card_d["gate_slides"] = slide_gate
     card_d["calibration"] = {
         "data": str(data), "slides": [e.slide_id for e in source.entries],
         "n_cells": int(len(labels)), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
-        "alpha_set": alpha_set,
+        "alpha_set": alpha_set, "gate_unit": unit,
         "assumption": "the guarantee holds for slides exchangeable with these calibration "
                       "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
                       "whose stain or focus falls far outside them to review"}
@@ -100,7 +164,8 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
         export_onnx(paths.root, opset=int(prev.get("opset", 18)))
     summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
                "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
-               "n_cells": int(len(labels))}
+               "n_cells": int(len(labels)), "gate_slides": slide_gate,
+               "slides": [e.slide_id for e in source.entries]}
     if out is not None:
         atomic_write_json(Path(out) / "calibration.json", summary)
     return summary

@@ -42,6 +42,11 @@ def register(app: typer.Typer) -> None:
         alpha_set: float = typer.Option(0.1, "--alpha-set",
                                         help="Miscoverage of the reviewer's conformal label sets."),
         workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        gate_unit: str = typer.Option(
+            "auto", "--gate-unit",
+            help="Which statement the thresholds carry: slides (slide-level Learn-then-Test: "
+                 "holds for new slides; needs many calibration slides), cells (cells as "
+                 "independent draws), auto (slides when there are enough calibration slides)."),
     ) -> None:
         """Fit the temperature and the risk-controlled per-class thresholds (error bound per class,
         miss bound per target class) on calibration slides and store them in card.json
@@ -53,7 +58,7 @@ def register(app: typer.Typer) -> None:
 
         s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
                              workers=workers, beta=beta if beta > 0 else None,
-                             alpha_per_class=_alpha_overrides(alpha_class))
+                             alpha_per_class=_alpha_overrides(alpha_class), unit=gate_unit)
         gate = s["gate"]
         console = Console()
         console.print(f"temperature {s['temperature']:.3f}; ECE {s['ece_before']:.4f} → "
@@ -75,4 +80,13 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         for c, note in notes.items():
             console.print(f"{c}: {note}", soft_wrap=True)
+        sg = s["gate_slides"]
+        console.print(f"calibration slides ({sg['n_slides']}): {', '.join(sg['slides'])}",
+                      soft_wrap=True)
+        console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True)
+        if not sg["established"]:
+            for c, n_need in sg["slides_needed_at_half_alpha"].items():
+                console.print(f"  {c}: slide-level needs ≥ {sg['min_slides'][c]} slides with no "
+                              f"errors, ≈ {n_need} when its accepted error runs at α/2",
+                              soft_wrap=True)
         console.print(f"written to {bundle / 'card.json'}")
