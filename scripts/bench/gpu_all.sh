@@ -25,5 +25,5 @@ step classify 120 $PY scripts/bench/classify.py --n 8192
 step train 200 $PY scripts/bench/train.py --steps 150 --batch 1024 --workers 8 --size 8192
 step e2e_small 120 $PY scripts/bench/e2e.py --width 16000 --height 12000
 step e2e_large 420 $PY scripts/bench/e2e.py --width 100000 --height 80000 --compare-decode
-step tiling 180 $PY scripts/bench/tiling.py --workers "$(nproc)"
+step tiling 600 $PY scripts/bench/tiling.py --workers "$(nproc)"
 echo "=== done, $fails failed"
