@@ -1,1 +1,2 @@
-"""Probabilities -> decisions: temperature, certified thresholds and their bounds, conformal sets, slide guard, fitting a bundle's gate."""
+"""Probabilities -> decisions: temperature, certified thresholds and their bounds (cells and
+slides as the unit), conformal sets, slide guard, the running audit's bounds."""
