@@ -27,6 +27,8 @@ class ManifestRow:
     n_review: int = 0
     seconds: float = 0.0
     finished_at: str = ""
+    n_audited: int = 0  # auto-accepted cells queued for the running audit
+    clinical_call: str = ""  # "rule: status [low, high]; …" (summary.json has the details)
 
 
 FIELDS = [f.name for f in fields(ManifestRow)]
@@ -62,7 +64,9 @@ class Manifest:
                         reason=rec.get("reason", ""), n_cells=int(rec.get("n_cells") or 0),
                         n_review=int(rec.get("n_review") or 0),
                         seconds=float(rec.get("seconds") or 0.0),
-                        finished_at=rec.get("finished_at", ""))
+                        finished_at=rec.get("finished_at", ""),
+                        n_audited=int(rec.get("n_audited") or 0),
+                        clinical_call=rec.get("clinical_call") or "")
 
     def get(self, slide_id: str) -> ManifestRow | None:
         return self.rows.get(slide_id)

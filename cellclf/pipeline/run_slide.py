@@ -19,6 +19,13 @@ from typing import Any
 import numpy as np
 
 from cellclf.errors import ConfigError, ModelMismatchError
+from cellclf.gate.audit_bound import (
+    DEFAULT_AUDIT_RATE,
+    DEFAULT_BLIND_SHARE,
+    audit_mask,
+    audit_priority,
+    blind_mask,
+)
 
 REVIEW_CONTEXT_PX = 160  # side of the context image at the model's mpp (80 µm at 0.5 µm/px)
 
@@ -37,6 +44,9 @@ class RunParams:
     stage: str = "auto"  # detect+crop+classify: "device" (torch engine's device), "host", or auto
     tiles_per_batch: int = 8  # tiles per device batch
     device_decode: str = "auto"  # JPEG decode on the device stage's device: auto | on | off
+    audit_rate: float = DEFAULT_AUDIT_RATE  # share of auto-accepted cells queued for the audit
+    blind_share: float = DEFAULT_BLIND_SHARE  # share of gated cells also reviewed blind
+    site: str | None = None  # site / scanner tag of the audit (default: the slide's vendor)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -47,6 +57,7 @@ class _Acc:
     xy0: list[np.ndarray] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
     accept: list[np.ndarray] = field(default_factory=list)
+    audited: list[np.ndarray] = field(default_factory=list)
     reason: list[np.ndarray] = field(default_factory=list)
     conformal: list[np.ndarray] = field(default_factory=list)
     n: int = 0
@@ -150,6 +161,7 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
     with Slide(path, mpp=params.mpp_override) as slide:
         check_model_fits(slide.mpp, work_mpp, path, params.max_mpp_ratio)
         mpp, width, height, vendor = slide.mpp, slide.width, slide.height, slide.vendor
+    site = params.site or vendor
     reader = TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers)
     try:
         small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
@@ -185,15 +197,25 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
                 accept = np.zeros(len(probs), bool)
                 reason = np.full(len(probs), "uncertified_class", dtype=object)
             conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
-            if review is not None and (~accept).any():
-                rows = np.flatnonzero(~accept)
+            ids = acc.n + np.arange(len(probs))
+            audited = (audit_mask(slide_id, ids, accept, params.audit_rate)
+                       if review is not None else np.zeros(len(probs), bool))
+            if review is not None and ((~accept) | audited).any():
+                rows = np.flatnonzero((~accept) | audited)
                 crops, ctx = cut(rows)
-                args = (slide_id, str(path), acc.n + rows, xy0[rows], probs[rows], reason[rows],
-                        conf[rows], crops, ctx, classes, review_priority(probs[rows]))
+                audit_rows = audited[rows]
+                # audit items look like any other queued cell: a queue reason, a spread priority
+                shown_reason = np.where(audit_rows, "low_confidence", reason[rows])
+                priority = np.where(audit_rows, audit_priority(slide_id, ids[rows]),
+                                    review_priority(probs[rows]))
+                blind = audit_rows | blind_mask(slide_id, ids[rows], params.blind_share)
+                args = (slide_id, str(path), ids[rows], xy0[rows], probs[rows], shown_reason,
+                        conf[rows], crops, ctx, classes, priority, audit_rows, blind, site)
                 review.submit(lambda encode, args=args: _review_items(*args, encode=encode))
             acc.xy0.append(xy0)
             acc.probs.append(probs.astype(np.float32))
             acc.accept.append(accept)
+            acc.audited.append(audited)
             acc.reason.append(np.asarray(reason, dtype=object))
             acc.conformal.append(conf)
             acc.n += len(xy0)
@@ -229,7 +251,9 @@ def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
         conformal=cat(acc.conformal, (0, k), bool), tissue_area_mm2=tissue_mm2,
         thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
         extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host",
-               "decode": "device" if decoded_on_device else "host"})
+               "decode": "device" if decoded_on_device else "host"},
+        audited=cat(acc.audited, (0,), bool),
+        audit_rate=params.audit_rate if on_review is not None else 0.0)
 
 
 def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
@@ -364,6 +388,8 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth:
 def _review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray, probs: np.ndarray,
                   reason: np.ndarray, conf: np.ndarray, crops: np.ndarray,
                   ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
+                  audit: np.ndarray | None = None, blind: np.ndarray | None = None,
+                  site: str | None = None,
                   encode: Callable = lambda f, xs: [f(x) for x in xs]) -> list:
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
     ``encode(png_bytes, images)`` maps the PNG encoder (over a thread pool in ``run_slide``)."""
@@ -379,5 +405,6 @@ def _review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarr
             predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
             conformal_set=[c for k, c in enumerate(classes) if conf[i, k]], reason=str(reason[i]),
             priority=float(priority[i]), crop_png=crop_png[i], context_png=ctx_png[i],
-            slide_path=slide_path))
+            slide_path=slide_path, audit=bool(audit is not None and audit[i]),
+            blind=bool(blind is not None and blind[i]), site=site))
     return items
