@@ -7,8 +7,9 @@ of :mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellcl
 :mod:`cellclf.gate.slide_guard` — the temperature, the per-class certified thresholds, the
 reviewer's conformal sets and the slide-level OOD guard, and write them into card.json. The
 guarantee holds for slides exchangeable with the calibration slides; the OOD guard watches that
-assumption. By default the gate also certifies the miss bound (β = :data:`DEFAULT_BETA`: at most 1 % of each target class auto-accepted as ``other``),
-so that counts after review stay right; :func:`counts_after_review` measures that on test slides.
+assumption. By default the gate also certifies the miss bound (β = :data:`DEFAULT_BETA`: at most
+1 % of each target class auto-accepted as ``other``), so that counts after review stay right;
+:func:`counts_after_review` measures that on test slides.
 
 Slides as the unit (:mod:`cellclf.gate.slide_bound`): the cell-level statements treat calibration
 cells as independent draws. The slide-level gate (Learn-then-Test over slide losses) is always fitted
