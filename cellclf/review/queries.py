@@ -22,6 +22,7 @@ class StoreQueries:
     ``required_reviews`` from the store."""
 
     required_reviews: int
+    classes: list[str]
     clock: Callable[[], float]
     _tx: Callable[..., AbstractContextManager[Connection]]
     _item: Callable[..., Item]
@@ -134,6 +135,26 @@ class StoreQueries:
             label, status = consensus(list(votes.get(r.id, {}).values()), self.required_reviews)
             out.append({"slide_id": r.slide_id, "site": r.site, "predicted": r.predicted,
                         "label": label, "status": status})
+        return out
+
+    def labelled_cells(self) -> list[dict[str, Any]]:
+        """Every queued cell with an agreed class label (status done, not can't-tell): its
+        slide, stored probabilities, label and whether it was an audit item — the data path for
+        refitting the gate from review (audit cells stand for the auto-accepted cells, weight
+        1 / audit rate; gated cells for themselves)."""
+        import json
+
+        it = S.items
+        votes = self.current_votes()
+        with self._tx() as c:
+            rows = c.execute(sa.select(it.c.id, it.c.slide_id, it.c.probs, it.c.audit,
+                                       it.c.site).order_by(it.c.id)).all()
+        out = []
+        for r in rows:
+            label, status = consensus(list(votes.get(r.id, {}).values()), self.required_reviews)
+            if status == "done" and label in (self.classes or []):
+                out.append({"slide_id": r.slide_id, "probs": json.loads(r.probs),
+                            "label": label, "audit": bool(r.audit), "site": r.site})
         return out
 
     def first_answers(self, site: str | None = None) -> list[dict[str, Any]]:
