@@ -163,7 +163,7 @@ def test_png_bytes_round_trips_losslessly():
 
     from PIL import Image
 
-    from cellclf.pipeline.run_slide import png_bytes
+    from cellclf.pipeline.host_stage import png_bytes
 
     rng = np.random.default_rng(0)
     for shape in ((160, 160, 3), (1, 1, 3), (7, 33, 3), (64, 64, 4)):

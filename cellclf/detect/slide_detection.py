@@ -72,8 +72,7 @@ def detect_slide(
                 continue
             for (tile, _), xy in zip(batch, detect_batch([b[1] for b in batch], work_mpp),
                                      strict=True):
-                xy0 = tile.to_level0(xy.astype(np.float64))
-                found.append(xy0[tile.owns(xy0)])
+                found.append(tile.owned_cells(xy)[1])
             advance(len(batch))
             batch = []
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.float64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,22 @@ def read_card(bundle: str | Path) -> dict:
     if not paths.card.is_file():
         raise BundleError(f"{paths.card} not found: a bundle needs its card.json")
     return json.loads(paths.card.read_text())
+
+
+class Engine(Protocol):
+    """What the pipeline, evaluation and calibration need of a classifier backend."""
+
+    backend: str  # "torch" | "onnx"
+    classes: list[str]  # probability columns, the card's order
+    card: Any  # the card in force (an int8 graph's carries its own temperature and gate)
+
+    def classify(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 crops → (N, K) float32 probabilities (temperature applied)."""
+        ...
+
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 crops → (N, K) float32 logits (before the temperature)."""
+        ...
 
 
 def bucket_size(n: int, batch: int) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,13 @@ import torch
 
 from cellclf.detect.classical import DetectParams, postprocess
 from cellclf.detect.classical_torch import TorchDetector
+from cellclf.errors import ConfigError
+from cellclf.model.engine import TorchEngine
+from cellclf.pipeline.stage import REVIEW_CONTEXT_PX, CellBatch
+from cellclf.wsi.crops import crop_corners
+from cellclf.wsi.device_decode import DeviceTileReader, device_readable, plan_key
+from cellclf.wsi.tile_reader import TileReader, default_workers
+from cellclf.wsi.tiling import Tile
 
 
 @dataclass
@@ -50,11 +58,20 @@ class _Pending:
 
 
 class DeviceStage:
-    """Detect, crop and classify batches of tiles on ``engine.device`` (a TorchEngine)."""
+    """Detect, crop and classify batches of tiles on ``engine.device`` (a TorchEngine).
 
-    def __init__(self, engine, work_mpp: float, crop_px: int, *, tiles_per_batch: int = 8,
-                 merge_workers: int = 4, params: DetectParams | None = None) -> None:
-        self.engine = engine
+    :meth:`run` (the :class:`~cellclf.pipeline.stage.Stage` interface) reads ``reader``'s tiles,
+    decoded on the device when ``device_decode`` is "on", or "auto" on CUDA where
+    :func:`~cellclf.wsi.device_decode.device_readable` says the slide allows it."""
+
+    def __init__(self, engine: TorchEngine, work_mpp: float, crop_px: int, *,
+                 reader: TileReader | None = None, device_decode: str = "auto",
+                 io_workers: int = 0, tiles_per_batch: int = 8, merge_workers: int = 4,
+                 params: DetectParams | None = None) -> None:
+        if device_decode not in ("auto", "on", "off"):
+            raise ConfigError(f"device_decode must be auto, on or off, got {device_decode!r}")
+        self.engine, self.reader, self.device_decode = engine, reader, device_decode
+        self.io_workers = io_workers or default_workers()
         self.device = torch.device(engine.device)
         self.work_mpp, self.crop_px = float(work_mpp), int(crop_px)
         self.tiles_per_batch = max(1, tiles_per_batch)
@@ -63,8 +80,16 @@ class DeviceStage:
         self.pool = ThreadPoolExecutor(max(1, merge_workers), thread_name_prefix="cellclf-merge")
         # wall seconds the calling thread spent in each step (device work is asynchronous: it is
         # paid where the host next waits for it, the maps' copy back or the probabilities)
-        self.timings: dict[str, float] = {"windows": 0.0, "detect": 0.0, "merge_wait": 0.0,
-                                          "classify": 0.0}
+        self.steps: dict[str, float] = {"windows": 0.0, "detect": 0.0, "merge_wait": 0.0,
+                                        "classify": 0.0}
+        self.waited = 0.0  # seconds the consumer of :meth:`run` waited for a batch
+        self.info = {"stage": "device", "decode": "host"}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """As written to summary.json: the consumer's wait, then the steps above."""
+        return {"device_stage_wait": self.waited,
+                **{f"device_{k}": v for k, v in self.steps.items()}}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -76,7 +101,37 @@ class DeviceStage:
         self.close()
 
     # -- pipeline -------------------------------------------------------------------------------
-    def run(self, tiles: Iterable[tuple]) -> Iterator[StageOutput]:
+    def run(self, tiles: list[Tile]) -> Iterator[CellBatch]:
+        """The slide's ``tiles`` read by ``reader`` → batches of classified cells, in order; review
+        images of chosen rows are cut on the device from the batch's tiles."""
+        if self.reader is None:
+            raise ConfigError("DeviceStage.run needs the slide's TileReader (reader=...)")
+        with ExitStack() as stack:
+            decode_here = self.device_decode == "on" or (
+                self.device_decode == "auto" and self.device.type == "cuda"
+                and device_readable(self.reader, tiles))
+            if decode_here:
+                dreader = stack.enter_context(DeviceTileReader(self.reader, self.device,
+                                                               io_workers=self.io_workers))
+                outputs = self.run_decoding(tiles, dreader)
+                self.info["decode"] = "device"
+            else:
+                outputs = self.run_decoded(self.reader.iter_tiles(tiles))
+            while True:
+                t0 = time.perf_counter()
+                out = next(outputs, None)
+                self.waited += time.perf_counter() - t0
+                if out is None:
+                    break
+                yield CellBatch(out.xy0, out.probs, lambda rows, out=out: self._review_images(out, rows),
+                                len(out.tiles))
+
+    def _review_images(self, out: StageOutput, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        owner, centres = out.tile_of[rows], out.centres_px[rows]
+        return (self.gather_crops(out.x, owner, centres, self.crop_px).cpu().numpy(),
+                self.gather_crops(out.x, owner, centres, REVIEW_CONTEXT_PX).cpu().numpy())
+
+    def run_decoded(self, tiles: Iterable[tuple]) -> Iterator[StageOutput]:
         """``(tile, rgb)`` decoded on the host in → one :class:`StageOutput` per batch of
         equally-sized tiles, in order."""
         cuda = self.device.type == "cuda"
@@ -89,11 +144,9 @@ class DeviceStage:
         batches = consecutive_batches(tiles, self.tiles_per_batch, lambda item: item[1].shape)
         return self._pipeline(upload(b) for b in batches)
 
-    def run_decoding(self, tiles: list, reader) -> Iterator[StageOutput]:
+    def run_decoding(self, tiles: list, reader: DeviceTileReader) -> Iterator[StageOutput]:
         """Tiles decoded on the device by a :class:`~cellclf.wsi.device_decode.DeviceTileReader`; the
         host reads the next batch's JPEG bytes while the device decodes this one."""
-        from cellclf.wsi.device_decode import plan_key
-
         batches = list(consecutive_batches(tiles, self.tiles_per_batch,
                                            lambda t: plan_key(reader.reader, t)))
 
@@ -114,7 +167,7 @@ class DeviceStage:
         while True:
             t0 = time.perf_counter()
             item = next(windows, None)
-            self.timings["windows"] += time.perf_counter() - t0
+            self.steps["windows"] += time.perf_counter() - t0
             if item is None:
                 break
             current = self._launch(*item)
@@ -135,7 +188,7 @@ class DeviceStage:
         futures = [self.pool.submit(_merge, maps[j], pk[bounds[j]:bounds[j + 1], 1:], f,
                                     self.work_mpp, self.params, tile)
                    for j, tile in enumerate(tiles)]
-        self.timings["detect"] += time.perf_counter() - t0
+        self.steps["detect"] += time.perf_counter() - t0
         return _Pending(tiles, x, futures)
 
     def _finish(self, pending: _Pending) -> StageOutput:
@@ -151,13 +204,13 @@ class DeviceStage:
         cxy = np.concatenate(centres) if centres else np.zeros((0, 2), np.float32)
         t_idx = np.concatenate(tile_of) if tile_of else np.zeros(0, np.int64)
         t1 = time.perf_counter()
-        self.timings["merge_wait"] += t1 - t0
+        self.steps["merge_wait"] += t1 - t0
         k = len(self.engine.classes)
         if len(xy0) == 0:
             return StageOutput(xy0.reshape(0, 2), np.zeros((0, k), np.float32), pending.tiles,
                                pending.x, t_idx, cxy.reshape(0, 2))
         probs = self.engine.classify_tensor(self.gather_crops(pending.x, t_idx, cxy, self.crop_px))
-        self.timings["classify"] += time.perf_counter() - t1
+        self.steps["classify"] += time.perf_counter() - t1
         return StageOutput(xy0, probs, pending.tiles, pending.x, t_idx, cxy)
 
     def gather_crops(self, x: torch.Tensor, tile_idx: np.ndarray, centres_px: np.ndarray,
@@ -165,8 +218,6 @@ class DeviceStage:
         """(N, crop_px, crop_px, 3) uint8 windows of the device tiles ``x`` centred on tile-px
         centres, with :func:`cellclf.wsi.crops.crop_corners`'s rounding; white outside the tile
         (exactly ``cut_crops``)."""
-        from cellclf.wsi.crops import crop_corners
-
         _, h, w, _ = x.shape
         corners = torch.as_tensor(crop_corners(centres_px, crop_px), device=x.device)
         offsets = torch.arange(crop_px, device=x.device)
@@ -181,14 +232,9 @@ class DeviceStage:
 
 
 def _merge(maps: np.ndarray, rc: np.ndarray, f: int, mpp: float, params: DetectParams,
-           tile) -> tuple[np.ndarray, np.ndarray]:
+           tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """Host side of detection for one tile: merge/refine peaks, keep the centres the tile owns."""
-    c = postprocess(maps[0], maps[1], maps[2], rc, f, mpp, params)
-    if len(c) == 0:
-        return c.reshape(0, 2), np.zeros((0, 2))
-    xy0 = tile.to_level0(c.astype(np.float64))
-    keep = tile.owns(xy0)
-    return c[keep], xy0[keep]
+    return tile.owned_cells(postprocess(maps[0], maps[1], maps[2], rc, f, mpp, params))
 
 
 def consecutive_batches(items: Iterable, n: int, key) -> Iterator[list]:

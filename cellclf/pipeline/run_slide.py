@@ -1,23 +1,27 @@
-"""run_slide: one slide through the whole flow — open, tissue, tiles, read, detect, crop, classify,
-gate — returning a :class:`cellclf.outputs.results.SlideResult`. Writes nothing itself; review items are
-handed to a callback as they are produced, so memory stays flat in slide size.
+"""run_slide: one slide through the whole flow — open, tissue and tiles, a stage (read, detect,
+crop, classify) yielding batches of cells, gate — returning a
+:class:`~cellclf.outputs.slide_result.SlideResult`. Writes nothing itself; review items are handed to
+a callback as they are produced, so memory stays flat in slide size.
 
-Stages overlap: tiles are read and decoded by the reader's worker threads, detection and crop cutting
-run in a second thread pool, classification runs in large batches on the engine's device (GPU when
-present), and the gate is pure maths on the probabilities.
+The slide is opened once (one :class:`~cellclf.wsi.tile_reader.TileReader` serves the thumbnail, the
+OOD sample and the tiles). The stage is :class:`~cellclf.pipeline.host_stage.HostStage` (CPU, any
+engine) or :class:`~cellclf.pipeline.device_stage.DeviceStage` (torch engine on its device); both
+yield :class:`~cellclf.pipeline.stage.CellBatch` es, gated here by one function.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cellclf.card import Card
+from cellclf.detect.classical import detect_halo_um
 from cellclf.errors import ConfigError, ModelMismatchError
 from cellclf.gate.audit_bound import (
     DEFAULT_AUDIT_RATE,
@@ -26,8 +30,17 @@ from cellclf.gate.audit_bound import (
     audit_priority,
     blind_mask,
 )
-
-REVIEW_CONTEXT_PX = 160  # side of the context image at the model's mpp (80 µm at 0.5 µm/px)
+from cellclf.gate.conformal import aps_sets
+from cellclf.gate.slide_guard import OODParams, is_ood, tissue_sample_stats
+from cellclf.gate.thresholds import GateParams, apply_gate, review_priority
+from cellclf.model.engine import Engine
+from cellclf.outputs.slide_result import SlideResult
+from cellclf.pipeline.host_stage import HostStage, ReviewWriter, review_items
+from cellclf.pipeline.stage import REVIEW_CONTEXT_PX, CellBatch, Stage
+from cellclf.review.types import ReviewItem
+from cellclf.wsi.crops import crop_halo_um
+from cellclf.wsi.tile_reader import TileReader, default_workers
+from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail
 
 
 @dataclass(frozen=True)
@@ -52,15 +65,48 @@ class RunParams:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Acc:
-    xy0: list[np.ndarray] = field(default_factory=list)
-    probs: list[np.ndarray] = field(default_factory=list)
-    accept: list[np.ndarray] = field(default_factory=list)
-    audited: list[np.ndarray] = field(default_factory=list)
-    reason: list[np.ndarray] = field(default_factory=list)
-    conformal: list[np.ndarray] = field(default_factory=list)
-    n: int = 0
+def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
+              params: RunParams | None = None,
+              on_review: Callable[[list[ReviewItem]], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> SlideResult:
+    """Run one slide; ``on_review(items)`` receives ReviewItem batches for gated cells."""
+    params, path, clock = params or RunParams(), Path(path), _Clock()
+    work_mpp, crop_px = float(card["mpp"]), int(card["crop_px"])
+    with TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers) as reader:
+        check_model_fits(reader.mpp, work_mpp, path, params.max_mpp_ratio)
+        small, small_ds = tissue_thumbnail(reader)
+        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
+        thumb, thumb_ds = _overlay_thumbnail(reader, small, small_ds, 1600)
+        halo_um = _halo_um(crop_px, work_mpp, with_review=on_review is not None)
+        tiles = reader.grid(params.tile_um, halo_um, tissue, params.min_tissue_fraction)
+        clock.lap("open_tissue_tiling")
+        ood = _ood_check(reader, tissue, card, params)
+        clock.lap("ood_check")
+        gate = SlideGate(card, ood_slide=ood["flagged"])
+        cells = _Cells(len(gate.classes))
+        with _stage(engine, reader, crop_px, params, on_review is not None) as stage, \
+                _review_writer(on_review, reader.workers) as review:
+            for batch in stage.run(tiles):
+                if len(batch):
+                    accept, reason, conformal = gate(batch.probs)
+                    ids = cells.n + np.arange(len(batch))
+                    audited = (audit_mask(slide_id, ids, accept, params.audit_rate)
+                               if review is not None else np.zeros(len(batch), bool))
+                    if review is not None and ((~accept) | audited).any():
+                        _send_for_review(review, batch, cells.n, accept, reason, conformal,
+                                         slide_id, str(path), gate.classes, audited,
+                                         params.blind_share, params.site or reader.vendor)
+                    cells.add(batch.xy0, batch.probs, accept, reason, conformal, audited)
+                if progress:
+                    progress(cells.tiles_done(batch.tiles_done), len(tiles))
+        clock.lap("read_detect_classify")
+    timings = {**clock.laps, **stage.timings, "total": clock.total()}
+    return SlideResult(
+        slide_id=slide_id, path=str(path), mpp=reader.mpp, width=reader.width,
+        height=reader.height, vendor=reader.vendor, classes=gate.classes, **cells.arrays(),
+        tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
+        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info},
+        audit_rate=params.audit_rate if on_review is not None else 0.0)
 
 
 def check_model_fits(slide_mpp: float, model_mpp: float, path: Path, max_ratio: float) -> None:
@@ -73,190 +119,87 @@ def check_model_fits(slide_mpp: float, model_mpp: float, path: Path, max_ratio: 
             "slide's metadata is wrong).")
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Lossless PNG of an RGB uint8 image: rows "Sub"-filtered with numpy, deflated by zlib at level
-    1 (which releases the GIL, so review crops encode in parallel threads); about twice Pillow's
-    speed at the same size."""
-    import struct
-    import zlib
+class SlideGate:
+    """The card's gate, conformal sets and the slide's OOD verdict applied to a batch of
+    probabilities: ``gate(probs) -> (accept, reason, conformal set membership)``."""
 
-    a = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-    h, w = a.shape[:2]
-    flat = a.reshape(h, w * 3)
-    rows = np.empty((h, w * 3 + 1), np.uint8)
-    rows[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
-    rows[:, 1:4] = flat[:, :3]
-    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:], dtype=np.uint8, casting="unsafe")
+    def __init__(self, card: Card, ood_slide: bool = False) -> None:
+        self.classes = list(card["classes"])
+        self.params = (GateParams.from_dict(card["gate"], classes=self.classes)
+                       if card.get("gate") else None)
+        self.conformal = card.get("conformal")
+        self.ood_slide = ood_slide
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
-
-
-def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL): the
-    review context images, a fifth of their PNG size."""
-    import imagecodecs
-
-    return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb[..., :3]), level=quality))
-
-
-class _ReviewWriter:
-    """Hands gated cells to ``on_review`` off the main loop: one writer thread keeps the store's
-    order, a pool encodes the PNGs; at most ``depth`` batches wait (memory stays flat)."""
-
-    def __init__(self, on_review: Callable[[list], None], workers: int, depth: int = 4) -> None:
-        from collections import deque
-
-        self.on_review = on_review
-        self.encoders = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cellclf-png")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cellclf-review")
-        self.pending: deque = deque()
-        self.depth = depth
-
-    def submit(self, make_items: Callable[[Callable], list]) -> None:
-        """``make_items(encode_map)`` builds the items; it runs on the writer thread."""
-        def job() -> None:
-            self.on_review(make_items(lambda f, xs: list(self.encoders.map(f, xs))))
-
-        self.pending.append(self.writer.submit(job))
-        while len(self.pending) > self.depth:
-            self.pending.popleft().result()
-
-    def close(self, wait: bool = True) -> None:
-        """Wait for every batch (re-raising a failure), or drop what is queued (``wait=False``)."""
-        try:
-            while wait and self.pending:
-                self.pending.popleft().result()
-        finally:
-            self.writer.shutdown(wait=wait, cancel_futures=not wait)
-            self.encoders.shutdown(wait=wait, cancel_futures=not wait)
-
-
-def run_slide(path: str | Path, engine: Any, card: dict, *, slide_id: str,
-              params: RunParams | None = None,
-              on_review: Callable[[list], None] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Any:
-    """Run one slide; ``on_review(items)`` receives ReviewItem batches for gated cells."""
-    from cellclf.detect.classical import detect_halo_um
-    from cellclf.gate.conformal import aps_sets
-    from cellclf.gate.slide_guard import OODParams, is_ood, sample_tiles, slide_stats
-    from cellclf.gate.thresholds import GateParams, apply_gate, review_priority
-    from cellclf.outputs.results import SlideResult
-    from cellclf.wsi.crops import crop_halo_um
-    from cellclf.wsi.slide import Slide
-    from cellclf.wsi.tile_reader import TileReader
-    from cellclf.wsi.tiling import tile_grid
-    from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail_px
-
-    params = params or RunParams()
-    path = Path(path)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    work_mpp, crop_px = float(card["mpp"]), int(card["crop_px"])
-    classes = list(card["classes"])
-    with Slide(path, mpp=params.mpp_override) as slide:
-        check_model_fits(slide.mpp, work_mpp, path, params.max_mpp_ratio)
-        mpp, width, height, vendor = slide.mpp, slide.width, slide.height, slide.vendor
-    site = params.site or vendor
-    reader = TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers)
-    try:
-        small, small_ds = reader.thumbnail(tissue_thumbnail_px(width, height, mpp))
-        tissue = require_tissue(tissue_mask(small, small_ds, mpp), path)
-        thumb, ds = _overlay_thumbnail(reader, small, small_ds, 1600)
-        tissue_mm2 = tissue.area_mm2(mpp)
-        # the halo holds a whole cell for detection and a whole crop for every owned cell
-        halo_um = max(detect_halo_um(), crop_halo_um(crop_px, work_mpp),
-                      # with a review queue, whole context views (no white strip at tile edges)
-                      crop_halo_um(REVIEW_CONTEXT_PX, work_mpp) if on_review is not None else 0.0)
-        tiles = tile_grid(width, height, mpp, work_mpp, params.tile_um, halo_um, tissue,
-                          params.min_tissue_fraction)
-        timings["open_tissue_tiling"] = time.perf_counter() - t0
-
-        gate = (GateParams.from_dict(card["gate"], classes=classes) if card.get("gate") else None)
-        aps = card.get("conformal")
-        ood_info: dict[str, Any] = {"flagged": False, "reasons": []}
-        t1 = time.perf_counter()
-        if card.get("ood"):
-            # the same windows as calibration.slide_ood_stats (cores without halo)
-            cores = tile_grid(width, height, mpp, work_mpp, params.tile_um, 0.0, tissue)
-            sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(cores, params.ood_sample_tiles))]
-            stats = slide_stats(sample, work_mpp, workers=reader.workers)
-            flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
-            ood_info = {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
-        timings["ood_check"] = time.perf_counter() - t1
-
-        def consume(xy0: np.ndarray, probs: np.ndarray, cut: Callable[[np.ndarray], tuple]) -> None:
-            """Gate one batch of classified cells; ``cut(rows)`` → (crops, context) for review."""
-            if gate is not None:
-                accept, reason = apply_gate(probs, gate, ood_slide=ood_info["flagged"])
-            else:
-                accept = np.zeros(len(probs), bool)
-                reason = np.full(len(probs), "uncertified_class", dtype=object)
-            conf = aps_sets(probs, aps) if aps else probs >= probs.max(axis=1, keepdims=True)
-            ids = acc.n + np.arange(len(probs))
-            audited = (audit_mask(slide_id, ids, accept, params.audit_rate)
-                       if review is not None else np.zeros(len(probs), bool))
-            if review is not None and ((~accept) | audited).any():
-                rows = np.flatnonzero((~accept) | audited)
-                crops, ctx = cut(rows)
-                audit_rows = audited[rows]
-                # audit items look like any other queued cell: a queue reason, a spread priority
-                shown_reason = np.where(audit_rows, "low_confidence", reason[rows])
-                priority = np.where(audit_rows, audit_priority(slide_id, ids[rows]),
-                                    review_priority(probs[rows]))
-                blind = audit_rows | blind_mask(slide_id, ids[rows], params.blind_share)
-                args = (slide_id, str(path), ids[rows], xy0[rows], probs[rows], shown_reason,
-                        conf[rows], crops, ctx, classes, priority, audit_rows, blind, site)
-                review.submit(lambda encode, args=args: _review_items(*args, encode=encode))
-            acc.xy0.append(xy0)
-            acc.probs.append(probs.astype(np.float32))
-            acc.accept.append(accept)
-            acc.audited.append(audited)
-            acc.reason.append(np.asarray(reason, dtype=object))
-            acc.conformal.append(conf)
-            acc.n += len(xy0)
-
-        acc = _Acc()
-        review = _ReviewWriter(on_review, reader.workers) if on_review is not None else None
-        t2 = time.perf_counter()
-        on_device = _use_device_stage(engine, params.stage)
-        decoded_on_device = False
-        if on_device:
-            t_wait, decoded_on_device = _run_device_stage(engine, reader, tiles, work_mpp,
-                                                          crop_px, params, consume, progress,
-                                                          timings)
+    def __call__(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.params is not None:
+            accept, reason = apply_gate(probs, self.params, ood_slide=self.ood_slide)
         else:
-            t_wait = _run_host_stage(engine, reader, tiles, work_mpp, crop_px, params, consume,
-                                     progress, with_context=on_review is not None)
-        if review is not None:
-            review.close()  # every gated cell is in the store before the results are written
-            review = None
-    finally:
-        if review is not None:  # an error: drop what is queued, the rerun redoes the slide
-            review.close(wait=False)
-        reader.close()
-    timings["read_detect_classify"] = time.perf_counter() - t2
-    timings["device_stage_wait" if on_device else "classify"] = t_wait
-    timings["total"] = time.perf_counter() - t0
-    k = len(classes)
-    cat = (lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt))  # noqa: E731
-    return SlideResult(
-        slide_id=slide_id, path=str(path), mpp=mpp, width=width, height=height, vendor=vendor,
-        classes=classes, xy0=cat(acc.xy0, (0, 2), np.float64), probs=cat(acc.probs, (0, k), np.float32),
-        accept=cat(acc.accept, (0,), bool), reason=cat(acc.reason, (0,), object),
-        conformal=cat(acc.conformal, (0, k), bool), tissue_area_mm2=tissue_mm2,
-        thumbnail=thumb, thumb_downsample=ds, ood=ood_info, timings_s=timings,
-        extra={"n_tiles": len(tiles), "stage": "device" if on_device else "host",
-               "decode": "device" if decoded_on_device else "host"},
-        audited=cat(acc.audited, (0,), bool),
-        audit_rate=params.audit_rate if on_review is not None else 0.0)
+            accept = np.zeros(len(probs), bool)
+            reason = np.full(len(probs), "uncertified_class", dtype=object)
+        conformal = (aps_sets(probs, self.conformal) if self.conformal
+                     else probs >= probs.max(axis=1, keepdims=True))
+        return accept, np.asarray(reason, dtype=object), conformal
 
 
-def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
+@dataclass
+class _Cells:
+    """The slide's classified cells, batch by batch (cell id = row)."""
+
+    k: int
+    parts: dict[str, list[np.ndarray]] = field(default_factory=lambda: {
+        "xy0": [], "probs": [], "accept": [], "reason": [], "conformal": [], "audited": []})
+    n: int = 0
+    tiles: int = 0
+
+    def add(self, xy0: np.ndarray, probs: np.ndarray, accept: np.ndarray, reason: np.ndarray,
+            conformal: np.ndarray, audited: np.ndarray) -> None:
+        for key, value in zip(self.parts, (xy0, probs.astype(np.float32), accept, reason,
+                                           conformal, audited), strict=True):
+            self.parts[key].append(value)
+        self.n += len(xy0)
+
+    def tiles_done(self, more: int) -> int:
+        self.tiles += more
+        return self.tiles
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        empty = {"xy0": ((0, 2), np.float64), "probs": ((0, self.k), np.float32),
+                 "accept": ((0,), bool), "reason": ((0,), object),
+                 "conformal": ((0, self.k), bool), "audited": ((0,), bool)}
+        return {key: np.concatenate(xs) if xs else np.zeros(*empty[key])
+                for key, xs in self.parts.items()}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _halo_um(crop_px: int, work_mpp: float, with_review: bool) -> float:
+    """The halo holds a whole cell for detection and a whole crop for every owned cell; with a
+    review queue, whole context views too (no white strip at tile edges)."""
+    return max(detect_halo_um(), crop_halo_um(crop_px, work_mpp),
+               crop_halo_um(REVIEW_CONTEXT_PX, work_mpp) if with_review else 0.0)
+
+
+def _ood_check(reader: TileReader, tissue: Any, card: Card, params: RunParams) -> dict[str, Any]:
+    """The slide's stain/focus statistics against the card's OOD envelope (when it has one)."""
+    if not card.get("ood"):
+        return {"flagged": False, "reasons": []}
+    stats = tissue_sample_stats(reader, tissue, params.tile_um, params.ood_sample_tiles)
+    flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
+    return {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
+
+
+def _overlay_thumbnail(reader: TileReader, small: np.ndarray, small_ds: float,
                        max_px: int) -> tuple[np.ndarray, float]:
     """The overlay's thumbnail: the tissue thumbnail shrunk when it is large enough, else a read."""
     if max(small.shape[:2]) < max_px:
@@ -269,7 +212,7 @@ def _overlay_thumbnail(reader: Any, small: np.ndarray, small_ds: float,
     return img, small_ds * small.shape[1] / size[0]
 
 
-def _use_device_stage(engine: Any, stage: str) -> bool:
+def use_device_stage(engine: Engine, stage: str) -> bool:
     """Device stage when asked, or by default when the engine is torch on CUDA."""
     if stage not in ("auto", "device", "host"):
         raise ConfigError(f"stage must be auto, device or host, got {stage!r}")
@@ -279,132 +222,40 @@ def _use_device_stage(engine: Any, stage: str) -> bool:
     return stage == "device" or (stage == "auto" and is_torch and engine.device.type == "cuda")
 
 
-def _run_host_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
-                    params: RunParams, consume: Callable, progress: Callable | None,
-                    with_context: bool) -> float:
-    """Detect and cut on the host (thread pool), classify in batches; seconds spent classifying."""
-    from cellclf.detect.classical import detect_cells
-    from cellclf.wsi.crops import cut_crops
+def _stage(engine: Engine, reader: TileReader, crop_px: int, params: RunParams,
+           with_review: bool) -> Stage:
+    if use_device_stage(engine, params.stage):
+        from cellclf.pipeline.device_stage import DeviceStage  # torch: imported only when used
 
-    def detect_tile(item: tuple) -> tuple:
-        tile, rgb = item
-        centres = detect_cells(rgb, work_mpp)
-        xy0 = tile.to_level0(centres) if len(centres) else np.zeros((0, 2))
-        keep = tile.owns(xy0) if len(xy0) else np.zeros(0, bool)
-        centres, xy0 = centres[keep], xy0[keep]
-        crops = cut_crops(rgb, centres, crop_px)
-        ctx = cut_crops(rgb, centres, REVIEW_CONTEXT_PX) if with_context else None
-        return xy0, crops, ctx
-
-    pending: list[tuple] = []
-    t_classify = 0.0
-
-    def flush() -> None:
-        nonlocal pending, t_classify
-        if not pending:
-            return
-        xy0 = np.concatenate([p[0] for p in pending])
-        crops = np.concatenate([p[1] for p in pending])
-        ctx = np.concatenate([p[2] for p in pending]) if with_context else None
-        pending = []
-        tc = time.perf_counter()
-        probs = engine.classify(crops)
-        t_classify += time.perf_counter() - tc
-        consume(xy0, probs, lambda rows: (crops[rows], None if ctx is None else ctx[rows]))
-
-    with ThreadPoolExecutor(max_workers=max(1, params.workers or 2)) as pool:
-        for i, item in enumerate(_bounded_map(pool, detect_tile, reader.iter_tiles(tiles), 8)):
-            if len(item[0]):
-                pending.append(item)
-            if sum(len(p[0]) for p in pending) >= params.batch:
-                flush()
-            if progress:
-                progress(i + 1, len(tiles))
-        flush()
-    return t_classify
+        cores = params.workers or default_workers()
+        return DeviceStage(engine, reader.work_mpp, crop_px, reader=reader,
+                           device_decode=params.device_decode, io_workers=cores,
+                           tiles_per_batch=params.tiles_per_batch, merge_workers=max(2, cores // 2))
+    return HostStage(engine, reader, crop_px, batch_cells=params.batch, workers=params.workers,
+                     with_context=with_review)
 
 
-def _run_device_stage(engine: Any, reader: Any, tiles: list, work_mpp: float, crop_px: int,
-                      params: RunParams, consume: Callable, progress: Callable | None,
-                      timings: dict[str, float]) -> tuple[float, bool]:
-    """Detect, cut and classify on the engine's device (:mod:`cellclf.pipeline.device_stage`), tiles decoded
-    there too when :mod:`cellclf.wsi.device_decode` can (``params.device_decode``); review crops are cut
-    on the device for gated cells only. Returns (seconds the loop waited on the stage, whether the
-    tiles were decoded on the device)."""
-    from contextlib import ExitStack
-
-    from cellclf.pipeline.device_stage import DeviceStage
-    from cellclf.wsi.device_decode import DeviceTileReader, device_readable
-    from cellclf.wsi.tile_reader import default_workers
-
-    done, waited = 0, 0.0
-    cores = params.workers or default_workers()
-    with ExitStack() as stack:
-        stage = stack.enter_context(DeviceStage(engine, work_mpp, crop_px,
-                                                tiles_per_batch=params.tiles_per_batch,
-                                                merge_workers=max(2, cores // 2)))
-        decode_here = params.device_decode == "on" or (
-            params.device_decode == "auto" and stage.device.type == "cuda"
-            and device_readable(reader, tiles))
-        if decode_here:
-            dreader = stack.enter_context(DeviceTileReader(reader, stage.device, io_workers=cores))
-            outputs = stage.run_decoding(tiles, dreader)
-        else:
-            outputs = stage.run(reader.iter_tiles(tiles))
-        while True:
-            t = time.perf_counter()
-            out = next(outputs, None)
-            waited += time.perf_counter() - t
-            if out is None:
-                break
-
-            def cut(rows: np.ndarray, out: Any = out) -> tuple[np.ndarray, np.ndarray]:
-                owner, centres = out.tile_of[rows], out.centres_px[rows]
-                return (stage.gather_crops(out.x, owner, centres, crop_px).cpu().numpy(),
-                        stage.gather_crops(out.x, owner, centres, REVIEW_CONTEXT_PX).cpu().numpy())
-
-            if len(out.xy0):
-                consume(out.xy0, out.probs, cut)
-            done += len(out.tiles)
-            if progress:
-                progress(done, len(tiles))
-        timings.update({f"device_{k}": v for k, v in stage.timings.items()})
-    return waited, decode_here
+def _review_writer(on_review: Callable[[list[ReviewItem]], None] | None,
+                   workers: int) -> AbstractContextManager[ReviewWriter | None]:
+    return ReviewWriter(on_review, workers) if on_review is not None else nullcontext(None)
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, depth: int) -> Iterator:
-    """Ordered ``pool.map`` that keeps at most ``depth`` tasks in flight (memory stays flat)."""
-    from collections import deque
-
-    queue: deque = deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= depth:
-            yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()
-
-
-def _review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray, probs: np.ndarray,
-                  reason: np.ndarray, conf: np.ndarray, crops: np.ndarray,
-                  ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
-                  audit: np.ndarray | None = None, blind: np.ndarray | None = None,
-                  site: str | None = None,
-                  encode: Callable = lambda f, xs: [f(x) for x in xs]) -> list:
-    """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
-    ``encode(png_bytes, images)`` maps the PNG encoder (over a thread pool in ``run_slide``)."""
-    from cellclf.review.store import ReviewItem
-
-    items = []
-    pred = probs.argmax(axis=1)
-    crop_png = encode(png_bytes, list(crops))
-    ctx_png = encode(jpeg_bytes, list(ctx)) if ctx is not None else [b""] * len(ids)
-    for i in range(len(ids)):
-        items.append(ReviewItem(
-            slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
-            predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
-            conformal_set=[c for k, c in enumerate(classes) if conf[i, k]], reason=str(reason[i]),
-            priority=float(priority[i]), crop_png=crop_png[i], context_png=ctx_png[i],
-            slide_path=slide_path, audit=bool(audit is not None and audit[i]),
-            blind=bool(blind is not None and blind[i]), site=site))
-    return items
+def _send_for_review(review: ReviewWriter, batch: CellBatch, first_id: int, accept: np.ndarray,
+                     reason: np.ndarray, conformal: np.ndarray, slide_id: str, slide_path: str,
+                     classes: list[str], audited: np.ndarray, blind_share: float,
+                     site: str | None) -> None:
+    """Queue the gated cells and the audit sample of a batch (cell ids continue from
+    ``first_id``) for review. Audit cells look like any other queued cell: a queue reason, a
+    priority spread uniformly (their own confidence would serve them last), blind."""
+    rows = np.flatnonzero((~accept) | audited)
+    crops, ctx = batch.review_images(rows)
+    probs = batch.probs[rows]
+    ids = first_id + rows
+    audit = audited[rows]
+    shown_reason = np.where(audit, "low_confidence", reason[rows])
+    priority = np.where(audit, audit_priority(slide_id, ids), review_priority(probs))
+    blind = audit | blind_mask(slide_id, ids, blind_share)
+    args = (slide_id, slide_path, ids, batch.xy0[rows], probs, shown_reason,
+            conformal[rows], crops, ctx, classes, priority)
+    review.submit(lambda encode: review_items(*args, encode=encode, audit=audit, blind=blind,
+                                              site=site))

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from cellclf.bounded_work import bounded_map
 from cellclf.wsi.jpeg_tiles import JpegTileSource, TileCache, probe
 from cellclf.wsi.slide import Slide, finish_read, plan_read
 from cellclf.wsi.tiling import Tile, tile_grid
@@ -143,20 +143,8 @@ class TileReader:
 
     def iter_tiles(self, tiles: Iterable[Tile]) -> Iterator[tuple[Tile, np.ndarray]]:
         """Yield ``(tile, rgb)`` in input order; at most ``prefetch`` reads in flight."""
-        pool = self._executor()
-        pending: deque[tuple[Tile, Future[np.ndarray]]] = deque()
-        try:
-            for tile in tiles:
-                pending.append((tile, pool.submit(self.read_tile, tile)))
-                if len(pending) >= self.prefetch:
-                    done_tile, future = pending.popleft()
-                    yield done_tile, future.result()
-            while pending:
-                done_tile, future = pending.popleft()
-                yield done_tile, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+        return bounded_map(self._executor().submit, lambda tile: (tile, self.read_tile(tile)),
+                           tiles, self.prefetch)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -63,6 +63,14 @@ class Tile:
         x0, y0, x1, y1 = self.core
         return (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
 
+    def owned_cells(self, centres_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The detections this tile owns (centre in its core), so neighbouring tiles' halos
+        never count a cell twice: (their tile-px centres, as given; their level-0 centres)."""
+        centres = np.asarray(centres_px).reshape(-1, 2)
+        xy0 = self.to_level0(centres)
+        keep = self.owns(xy0)
+        return centres[keep], xy0[keep]
+
 
 def core_edges(length0: int, core0: float) -> list[int]:
     """Integer core boundaries along one axis: 0, round(core0), round(2·core0), …, length0."""
