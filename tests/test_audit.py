@@ -53,7 +53,7 @@ def test_audit_sampling_is_reproducible_and_at_the_rate():
     assert (audit_mask("slide-8", ids, accept, 0.02) != m).mean() > 0.02
     assert blind_mask("slide-7", ids, 0.1).mean() == pytest.approx(0.1, abs=0.005)
     pr = audit_priority("slide-7", ids)
-    assert 0 <= pr.min() and pr.max() < 1
+    assert pr.min() >= 0 and pr.max() < 1
 
 
 def test_audit_bound_power_and_false_alarms_by_simulation():
