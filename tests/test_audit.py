@@ -217,3 +217,43 @@ def test_schema_v3_upgrade_keeps_items_and_marks_old_labels_unknown(tmp_path):
         cols = {col["name"] for col in sa.inspect(c).get_columns("items")}
     assert {"audit", "blind", "site"} <= cols
     st.close()
+
+
+@pytest.mark.slow
+def test_infer_audits_accepted_cells_unmarked_and_finalize_leaves_them_out(tiny_svs,
+                                                                          shipped_model,
+                                                                          tmp_path):
+    import sqlite3
+
+    import pyarrow.parquet as pq
+
+    from cellclf.pipeline.batch import run_batch
+    from cellclf.review.finalize import finalize_results
+
+    out = tmp_path / "out"
+    run_batch([str(tiny_svs[0])], shipped_model, out, backend="onnx", audit_rate=0.3,
+              site="lab-1")
+    cells = pq.read_table(out / "tiny_svs" / "cells.parquet").to_pydict()
+    audit = np.array(cells["audit"])
+    accepted = np.array(cells["decision"]) == "accepted"
+    assert audit.sum() > 0 and not audit[~accepted].any()
+    assert audit[accepted].mean() == pytest.approx(0.3, abs=0.12)
+    with sqlite3.connect(out / "review.sqlite") as con:
+        rows = con.execute(
+            "SELECT cell_id, reason, blind, site FROM items WHERE audit = 1").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(np.flatnonzero(audit).tolist())
+    assert {r[1] for r in rows} == {"low_confidence"} and {r[2] for r in rows} == {1}
+    assert {r[3] for r in rows} == {"lab-1"}
+    summary = json.loads((out / "tiny_svs" / "summary.json").read_text())
+    assert summary["audit"]["rate"] == 0.3 and summary["audit"]["n_audited"] == audit.sum()
+    manifest = (out / "manifest.csv").read_text()
+    assert "n_audited" in manifest.splitlines()[0]
+    # a reviewer labels everything; the final counts do not count audit cells twice
+    st = ReviewStore(str(out / "review.sqlite"))
+    while (it := st.claim("ann")) is not None:
+        st.label("ann", it.id, it.predicted)
+    final = finalize_results(st, out)["tiny_svs"]
+    assert final["reviewed"] == int((~accepted).sum())
+    for c, v in summary["counts"].items():
+        assert final["counts"][c] == v["accepted"] + final["reviewed_as"].get(c, 0)
+    st.close()
