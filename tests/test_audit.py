@@ -160,6 +160,7 @@ def test_blind_review_over_http_hides_then_reveals(tmp_path):
         c.post("/login", data={"username": "ann", "password": "ann-password", "csrf_token": tok})
         csrf = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/").text).group(1)
         h = {"X-CSRF-Token": csrf}
+        assert c.get("/").text.count("hidden (blind)") == 1  # the queue page hides it too
         first = c.post("/api/claim", json={}, headers=h).json()["item"]
         assert first["cell_id"] == 1 and first["blind"] is True
         assert first["predicted"] is None and first["top"] == [] and first["conformal_set"] == []

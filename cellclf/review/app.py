@@ -190,6 +190,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         slide, predicted = slide or None, predicted or None
         return page(request, "queue.html", s, slide=slide, predicted=predicted,
                     items=st.queue(slide, predicted, limit=50), slides=st.progress_by_slide(),
+                    blind_all=blind_all,
                     total=st.progress(), required=st.required_reviews)
 
     @app.get("/review", response_class=HTMLResponse)
