@@ -258,3 +258,49 @@ def test_infer_audits_accepted_cells_unmarked_and_finalize_leaves_them_out(tiny_
     for c, v in summary["counts"].items():
         assert final["counts"][c] == v["accepted"] + final["reviewed_as"].get(c, 0)
     st.close()
+
+
+def _audit_cells(n: int, wrong_below: float, wrong_rate: float, seed: int):
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.5, 1.0, n)
+    probs = np.zeros((n, 4))
+    probs[:, 0] = conf
+    probs[:, 3] = 1 - conf
+    wrong = (conf < wrong_below) & (rng.random(n) < wrong_rate)
+    labels = np.where(wrong, 3, 0)
+    slides = rng.integers(0, 40, n).astype(str)
+    return probs, labels, slides, np.ones(n, bool)
+
+
+def test_refit_from_audit_only_raises_thresholds():
+    from cellclf.gate.audit_bound import refit_from_audit
+
+    old = {"eosinophil": 0.5, "neutrophil": 0.9, "mast_cell": None, "other": 0.6}
+    probs, labels, slides, audit = _audit_cells(3000, 0.8, 0.3, 1)
+    r = refit_from_audit(probs, labels, slides, audit, list(DEFAULT_CLASSES), old, 0.01, 0.05, 7)
+    assert 0.78 <= r["thresholds"]["eosinophil"] < 0.9  # raised to the edge of the bad band
+    assert r["thresholds"]["mast_cell"] is None and r["thresholds"]["neutrophil"] == 0.9
+    assert "kept" in r["notes"]["neutrophil"]  # no audited neutrophils: nothing to refit
+    probs, labels, slides, audit = _audit_cells(3000, 1.01, 0.05, 2)  # 5 % wrong everywhere
+    r = refit_from_audit(probs, labels, slides, audit, list(DEFAULT_CLASSES), old, 0.01, 0.05, 7)
+    assert r["thresholds"]["eosinophil"] is None and "go to review" in r["notes"]["eosinophil"]
+
+
+def test_calibrate_from_review_writes_raised_thresholds(random_bundle, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(random_bundle, bundle)
+    probs, labels, slides, audit = _audit_cells(3000, 0.8, 0.3, 3)
+    npz = tmp_path / "review.npz"
+    np.savez(npz, probs=probs, labels=labels, slides=slides, audit=audit,
+             classes=np.array(list(DEFAULT_CLASSES)), weight=np.full(len(labels), 50.0))
+    runner = CliRunner()
+    neither = runner.invoke(app, ["calibrate", str(bundle)])
+    assert neither.exit_code != 0 and "--from-review" in neither.output
+    res = runner.invoke(app, ["calibrate", str(bundle), "--from-review", str(npz)])
+    assert res.exit_code == 0, res.output
+    gate = json.loads((bundle / "card.json").read_text())["gate"]
+    assert gate["thresholds"]["eosinophil"] >= 0.78
+    assert gate["refit_from_audit"]["previous_thresholds"]["eosinophil"] == 0.5
+    assert "eosinophil: 0.5000 →" in res.output

@@ -170,3 +170,53 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     if out is not None:
         atomic_write_json(Path(out) / "calibration.json", summary)
     return summary
+
+
+def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, Any]:
+    """Raise the bundle's thresholds where the running audit shows they do not keep α.
+
+    ``review_npz``: ``cellclf audit --export-calibration`` output (stored calibrated probs,
+    agreed labels, slides, audit flags). Uses the card's α, δ and number of statements; each
+    class's threshold can only rise (:func:`cellclf.gate.audit_bound.refit_from_audit`). The
+    result is stored in the card's ``gate`` (``thresholds`` and ``refit_from_audit``).
+    """
+    import numpy as np
+
+    from cellclf.card import bundle_paths, load_card
+    from cellclf.gate.audit_bound import refit_from_audit
+    from cellclf.outputs.atomic import atomic_write_json
+
+    paths = bundle_paths(bundle)
+    card = load_card(paths.root)
+    if not card.gate:
+        raise CellclfError(f"{paths.root}: no calibrated gate to refit; run `cellclf calibrate "
+                           "--data SLIDES` first")
+    try:
+        data = np.load(review_npz)
+        probs, labels, slides, audit = (data["probs"], data["labels"], data["slides"],
+                                        data["audit"])
+        classes = [str(c) for c in data["classes"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise CellclfError(f"{review_npz}: not a `cellclf audit --export-calibration` file "
+                           f"({exc})") from None
+    if classes != list(card.classes):
+        raise CellclfError(f"{review_npz} holds classes {classes}, the model {list(card.classes)}:"
+                           " export the review store this model filled")
+    gate_d = dict(card.gate)
+    refit = refit_from_audit(probs, labels, slides, audit, classes, gate_d["thresholds"],
+                             float(gate_d["alpha"]), float(gate_d["delta"]),
+                             int(gate_d.get("n_tests") or len(classes)),
+                             gate_d.get("alpha_per_class") or {})
+    refit["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    refit["source"] = str(review_npz)
+    refit["previous_thresholds"] = dict(gate_d["thresholds"])
+    card_d = json.loads(paths.card.read_text())
+    card_d["gate"]["thresholds"] = refit["thresholds"]
+    card_d["gate"]["refit_from_audit"] = refit
+    atomic_write_json(paths.card, card_d)
+    load_card(paths.root)
+    if paths.onnx.is_file():  # the card travels in the graph's metadata: keep it in step
+        from cellclf.model.onnx_export import export_onnx
+
+        export_onnx(paths.root, opset=int(card_d.get("onnx", {}).get("opset", 18)))
+    return refit

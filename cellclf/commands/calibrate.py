@@ -26,9 +26,13 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
         bundle: Path = typer.Argument(..., help="Model bundle directory."),
-        data: Path = typer.Option(..., "--data", "-d",
+        data: Path = typer.Option(None, "--data", "-d",
                                   help="Calibration slides with truth (folder or manifest) the "
                                        "model never saw in training."),
+        from_review: Path = typer.Option(
+            None, "--from-review",
+            help="Instead of --data: raise the thresholds where the running audit shows they "
+                 "do not keep α (the .npz of `cellclf audit --export-calibration`)."),
         alpha: float = typer.Option(0.01, help="Maximum error rate among auto-accepted cells, per class."),
         alpha_class: list[str] = typer.Option(
             [], "--alpha-class", metavar="CLASS=VALUE", help="Per-class α override CLASS=VALUE (repeatable), "
@@ -54,8 +58,22 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from cellclf.calibration.bundle_gate import calibrate_bundle
+        from cellclf.calibration.bundle_gate import calibrate_bundle, refit_from_review
 
+        if (data is None) == (from_review is None):
+            raise typer.BadParameter("give either --data SLIDES or --from-review FILE.npz",
+                                     param_hint="--data / --from-review")
+        if from_review is not None:
+            r = refit_from_review(bundle, from_review)
+            typer.echo(f"refit from {r['n_audit_cells']} audited cells on {r['n_slides']} slides:")
+            for c, thr in r["thresholds"].items():
+                old = r["previous_thresholds"].get(c)
+                fmt = (lambda t: "—" if t is None else f"{t:.4f}")  # noqa: E731
+                note = r["notes"].get(c, "")
+                typer.echo(f"  {c}: {fmt(old)} → {fmt(thr)} ({r['n_audited'][c]} audited, "
+                           f"{r['n_errors'][c]} wrong) {note}".rstrip())
+            typer.echo(f"written to {bundle / 'card.json'}")
+            return
         s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
                              workers=workers, beta=beta if beta > 0 else None,
                              alpha_per_class=_alpha_overrides(alpha_class), unit=gate_unit)

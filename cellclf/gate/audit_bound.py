@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from cellclf.gate.risk_bounds import clopper_pearson_upper
+from cellclf.gate.risk_bounds import clopper_pearson_upper, min_cells_zero_errors, scan_thresholds
+from cellclf.gate.slide_bound import GRID, scan_slide_thresholds, slide_losses
 
 AUDIT_CONFIDENCE = 0.95
 DEFAULT_AUDIT_RATE = 0.02
@@ -145,4 +146,61 @@ def agreement_report(answers: Iterable[dict[str, Any]], cant_tell: str) -> dict[
         s, b = row["seen"]["agreement"], row["blind"]["agreement"]
         row["gap"] = None if s is None or b is None else s - b
         out[reviewer] = row
+    return out
+
+
+def refit_from_audit(probs: np.ndarray, labels: np.ndarray, slide_ids: np.ndarray,
+                     audit: np.ndarray, classes: list[str],
+                     old_thresholds: dict[str, float | None], alpha: float, delta: float,
+                     n_tests: int, alpha_per_class: dict[str, float] | None = None
+                     ) -> dict[str, Any]:
+    """New thresholds from the audited cells: each class's threshold can only rise.
+
+    The audit cells predicted c are a simple random sample of the cells the old gate accepted as
+    c (confidence ≥ λ_old), so the cell-level fixed-sequence scan of
+    :func:`cellclf.gate.risk_bounds.scan_thresholds` over them, stopped at λ_old, certifies the
+    error among accepted cells of the audited slides at any λ ≥ λ_old it reaches (the same
+    Clopper–Pearson argument as calibration, with the audited slides as calibration slides). A
+    class whose first test fails gets no threshold: all its cells go to review until it is
+    recalibrated. Reviewed gated cells (below λ_old) cannot lower a threshold here: their weight
+    against the audit sample (1/R) makes the bound a weighted one, not done yet. The slide-level
+    scan over the same cells (:mod:`cellclf.gate.slide_bound`) is reported beside it.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    audit = np.asarray(audit, dtype=bool)
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    uniq, slide_index = np.unique(np.asarray(slide_ids).astype(str), return_inverse=True)
+    level = delta / n_tests
+    out: dict[str, Any] = {"n_audit_cells": int(audit.sum()), "n_slides": len(uniq),
+                           "thresholds": {}, "n_audited": {}, "n_errors": {},
+                           "upper_bound": {}, "slide_threshold": {}, "notes": {}}
+    for k, name in enumerate(classes):
+        a = float((alpha_per_class or {}).get(name, alpha))
+        old = old_thresholds.get(name)
+        rows = audit & (pred == k)
+        out["n_audited"][name] = int(rows.sum())
+        out["n_errors"][name] = int((labels[rows] != k).sum())
+        if old is None:
+            out["thresholds"][name] = None
+            out["notes"][name] = "not certified before: no accepted cells were audited"
+            continue
+        n_min = min_cells_zero_errors(a, delta, n_tests)
+        if rows.sum() < n_min:
+            out["thresholds"][name] = float(old)
+            out["notes"][name] = (f"kept: {rows.sum()} audited cells, {n_min} are needed before "
+                                  "the audit can certify a threshold")
+            continue
+        scan = scan_thresholds(conf[rows][None, :], (labels[rows] != k)[None, :], a, 1 - level,
+                               n_min=n_min, floor=old)
+        thr = scan["threshold"][0]
+        out["thresholds"][name] = None if np.isnan(thr) else max(float(thr), float(old))
+        out["upper_bound"][name] = float(scan["upper_bound"][0])
+        if np.isnan(thr):
+            out["notes"][name] = (f"{rows.sum()} audited cells with {out['n_errors'][name]} "
+                                  f"errors do not certify α = {a:g} at any threshold ≥ {old:.4f}: "
+                                  "all its cells go to review until recalibrated")
+        grid = GRID[old <= GRID]
+        losses, _ = slide_losses(conf[rows], labels[rows] != k, slide_index[rows], len(uniq), grid)
+        out["slide_threshold"][name] = scan_slide_thresholds(losses, a, level, grid)["threshold"]
     return out
