@@ -258,6 +258,15 @@ def test_infer_audits_accepted_cells_unmarked_and_finalize_leaves_them_out(tiny_
     for c, v in summary["counts"].items():
         assert final["counts"][c] == v["accepted"] + final["reviewed_as"].get(c, 0)
     st.close()
+    # the clinical call is recomputed with the agreed labels: no pending cell is left
+    after = json.loads((out / "tiny_svs" / "summary.json").read_text())
+    assert after["clinical_call_at_inference"] == summary["clinical_call"]
+    for old, new in zip(summary["clinical_call"], after["clinical_call"], strict=True):
+        assert new["rule"] == old["rule"]
+        assert old["interval"][0] <= new["interval"][0] <= new["interval"][1] \
+            <= old["interval"][1]
+        assert "pending review cell(s) in the densest field" not in new["reason"] \
+            or "0 pending" in new["reason"]
 
 
 def _audit_cells(n: int, wrong_below: float, wrong_rate: float, seed: int):

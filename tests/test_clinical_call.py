@@ -139,3 +139,23 @@ def test_interval_covers_true_peak_on_unseen_synthetic_slides(shipped_model, tmp
     print(f"clinical-call interval coverage: {covered}/{n}")
     assert n == 8 * 2 * 3
     assert covered / n >= 0.95, f"interval covered the true peak in {covered}/{n} cases"
+
+
+def test_review_resolves_needs_review():
+    rng = np.random.default_rng(1)
+    rule = Rule("EoE", "eosinophil", 15)
+    xy = _cluster(rng, 20, np.array([1000.0, 1000.0]))
+    pred = np.zeros(20, int)
+    accept = np.arange(20) < 10  # 10 accepted eosinophils, 10 pending
+    zero = {c: 0.0 for c in CLASSES}
+    before = call_for_rule(rule, xy, pred, accept, CLASSES, zero, 0.5, 0.237)
+    assert before["status"] == "needs review" and before["interval"] == [10, 20]
+    as_eos = np.where(accept, -1, 0)
+    after = call_for_rule(rule, xy, pred, accept, CLASSES, zero, 0.5, 0.237, reviewed=as_eos)
+    assert after["status"] == "met" and after["interval"] == [20, 20]
+    as_other = np.where(accept, -1, 3)
+    after = call_for_rule(rule, xy, pred, accept, CLASSES, zero, 0.5, 0.237, reviewed=as_other)
+    assert after["status"] == "not met" and after["interval"] == [10, 10]
+    cant_tell = np.full(20, -1)  # labelled "can't tell": still pending for the call
+    after = call_for_rule(rule, xy, pred, accept, CLASSES, zero, 0.5, 0.237, reviewed=cant_tell)
+    assert after["status"] == "needs review"

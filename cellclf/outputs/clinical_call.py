@@ -98,27 +98,36 @@ def gate_alphas(gate: dict[str, Any] | None, classes: list[str]) -> dict[str, fl
 
 def call_for_rule(rule: Rule, xy0: np.ndarray, pred: np.ndarray, accept: np.ndarray,
                   classes: list[str], alphas: dict[str, float], mpp: float,
-                  hpf_area_mm2: float, confidence: float = CALL_CONFIDENCE) -> dict[str, Any]:
-    """The call of one rule on one slide (module docstring); ``rule.cls`` must be in ``classes``."""
+                  hpf_area_mm2: float, confidence: float = CALL_CONFIDENCE,
+                  reviewed: np.ndarray | None = None) -> dict[str, Any]:
+    """The call of one rule on one slide (module docstring); ``rule.cls`` must be in ``classes``.
+
+    ``reviewed``: after review, each cell's agreed class index (−1: none yet, or can't tell).
+    A reviewed cell counts exactly (no allowance); can't-tell and unfinished ones stay pending.
+    """
     k = classes.index(rule.cls)
     radius_px = hpf_radius_um(hpf_area_mm2) / mpp
+    known = np.full(len(pred), -1) if reviewed is None else np.asarray(reviewed)
+    accept = np.asarray(accept, bool) & (known < 0)
+    known_c = known == k
     acc_c = accept & (pred == k)
-    pending = ~accept
+    pending = ~accept & (known < 0)
     acc_other = accept & (pred != k)
-    centres = field_centres(xy0[acc_c | pending], radius_px)
+    centres = field_centres(xy0[acc_c | pending | known_c], radius_px)
+    k_c = field_counts(centres, xy0[known_c], radius_px)
     a_c = field_counts(centres, xy0[acc_c], radius_px)
     p_all = field_counts(centres, xy0[pending], radius_px)
     p_c = field_counts(centres, xy0[pending & (pred == k)], radius_px)
     o = field_counts(centres, xy0[acc_other], radius_px)
     alpha_o = max((a for c, a in alphas.items() if c != rule.cls), default=0.0)
-    low_f = a_c - _binom_allowance(a_c, alphas[rule.cls], confidence)
-    high_f = a_c + p_all + _binom_allowance(o, alpha_o, confidence)
+    low_f = a_c - _binom_allowance(a_c, alphas[rule.cls], confidence) + k_c
+    high_f = a_c + k_c + p_all + _binom_allowance(o, alpha_o, confidence)
     if len(centres) == 0:
         low = high = 0
         hpf = {"x": None, "y": None}
         n_pending = 0
     else:
-        best = int(np.lexsort((-high_f, -(a_c + p_c)))[0])
+        best = int(np.lexsort((-high_f, -(a_c + k_c + p_c)))[0])
         low, high = int(low_f.max()), int(high_f.max())
         hpf = {"x": float(centres[best, 0]), "y": float(centres[best, 1])}
         n_pending = int(p_all[best])
@@ -138,7 +147,7 @@ def call_for_rule(rule: Rule, xy0: np.ndarray, pred: np.ndarray, accept: np.ndar
                   "bounds) could change the call; finish the review queue")
     return {"rule": rule.text, "name": rule.name, "class": rule.cls, "threshold": thr,
             "status": status, "interval": [low, high], "hpf": hpf, "reason": reason,
-            "point_estimate": int((a_c + p_c).max()) if len(centres) else 0,
+            "point_estimate": int((a_c + k_c + p_c).max()) if len(centres) else 0,
             "source": rule.source}
 
 
@@ -156,6 +165,31 @@ def clinical_calls(rules: list[Rule], xy0: np.ndarray, pred: np.ndarray, accept:
             continue
         calls.append(call_for_rule(rule, xy0, pred, accept, classes, alphas, mpp, hpf_area_mm2))
     return calls, skipped
+
+
+def calls_after_review(summary: dict[str, Any], cells: dict[str, Any],
+                       final_label_of: dict[int, str]) -> list[dict[str, Any]]:
+    """The summary's calls recomputed with the reviewers' agreed labels (``cell_id → label``).
+
+    ``cells``: cells.parquet as a column dict (``cell_id``, ``x``, ``y``, ``class``,
+    ``decision``). The rules are the ones the summary was made with.
+    """
+    calls = summary.get("clinical_call") or []
+    if not calls:
+        return []
+    card = summary.get("model_card") or {}
+    classes = list(card.get("classes") or [])
+    index = {c: i for i, c in enumerate(classes)}
+    xy0 = np.stack([np.asarray(cells["x"], float), np.asarray(cells["y"], float)], axis=1)
+    pred = np.array([index[c] for c in cells["class"]], dtype=np.int64)
+    accept = np.asarray(cells["decision"]) == "accepted"
+    reviewed = np.array([index.get(final_label_of.get(int(i), ""), -1)
+                         for i in cells["cell_id"]], dtype=np.int64)
+    rules = [Rule(c["name"], c["class"], int(c["threshold"]), c.get("source", "")) for c in calls]
+    alphas = gate_alphas(card.get("gate"), classes)
+    return [call_for_rule(r, xy0.reshape(-1, 2), pred, accept, classes, alphas,
+                          float(summary["slide"]["mpp"]), float(summary["hpf_area_mm2"]),
+                          reviewed=reviewed) for r in rules]
 
 
 def manifest_text(calls: list[dict[str, Any]]) -> str:
