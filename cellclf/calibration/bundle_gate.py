@@ -115,8 +115,9 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     logits, labels = gated_rows(table)
     slide_of_cell = table.slide[table.detected].astype(str)
     if len(labels) == 0:
-        raise CellclfError(f"{data}: no detected cells to calibrate on")
+        raise CellclfError(f"{data}: no detected cells to calibrate on; {paths.root} is unchanged")
     classes = list(card.classes)
+    check_usable_labels(labels, classes, card.other_class, data, paths.root)
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
@@ -156,13 +157,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
         "assumption": "the guarantee holds for slides exchangeable with these calibration "
                       "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
                       "whose stain or focus falls far outside them to review"}
-    atomic_write_json(paths.card, card_d)
-    load_card(paths.root)  # validate what we wrote
-    if paths.onnx.is_file():  # the graph bakes in the temperature: keep it in step
-        from cellclf.model.onnx_export import export_onnx
-
-        prev = card_d.get("onnx", {})
-        export_onnx(paths.root, opset=int(prev.get("opset", 18)))
+    write_calibrated_card(paths, card_d)
     summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
                "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
                "n_cells": int(len(labels)), "gate_slides": slide_gate,
@@ -172,6 +167,48 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     return summary
 
 
+PREVIOUS_CARD = "card.previous.json"
+
+
+def check_usable_labels(labels: Any, classes: list[str], other_class: str | None, data: Any,
+                        root: Path) -> None:
+    """Refuse truth without any labelled cell of a target class (e.g. annotations that matched no
+    candidate, or class names the model does not know): it would uncertify every class."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    targets = [i for i, c in enumerate(classes) if c != other_class]
+    if not np.isin(labels, targets).any():
+        raise CellclfError(f"{data}: none of the {len(labels)} detected cells matches an annotated "
+                           f"cell of the classes {[classes[i] for i in targets]} (check that the "
+                           "annotations lie on these slides, use level-0 pixel coordinates and "
+                           f"these class names); {root} is unchanged")
+
+
+def write_calibrated_card(paths: Any, card_d: dict[str, Any]) -> None:
+    """Write the new card, then re-export model.onnx (its graph bakes in the temperature). The old
+    card is kept as card.previous.json; if anything fails the old card is put back, so a working
+    bundle is never left half-calibrated."""
+    import shutil
+
+    from cellclf.card import load_card
+    from cellclf.outputs.atomic import atomic_write_bytes, atomic_write_json
+
+    previous = paths.root / PREVIOUS_CARD
+    old_bytes = paths.card.read_bytes()
+    atomic_write_bytes(previous, old_bytes)
+    shutil.copymode(paths.card, previous)
+    try:
+        atomic_write_json(paths.card, card_d)
+        load_card(paths.root)  # validate what we wrote
+        if paths.onnx.is_file():
+            from cellclf.model.onnx_export import export_onnx
+
+            prev = card_d.get("onnx", {})
+            export_onnx(paths.root, opset=int(prev.get("opset", 18)))
+    except BaseException:
+        atomic_write_bytes(paths.card, old_bytes)  # model.onnx is replaced only on success
+        raise
 def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, Any]:
     """Raise the bundle's thresholds where the running audit shows they do not keep α.
 
@@ -184,7 +221,6 @@ def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, A
 
     from cellclf.card import bundle_paths, load_card
     from cellclf.gate.audit_bound import refit_from_audit
-    from cellclf.outputs.atomic import atomic_write_json
 
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
@@ -213,10 +249,5 @@ def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, A
     card_d = json.loads(paths.card.read_text())
     card_d["gate"]["thresholds"] = refit["thresholds"]
     card_d["gate"]["refit_from_audit"] = refit
-    atomic_write_json(paths.card, card_d)
-    load_card(paths.root)
-    if paths.onnx.is_file():  # the card travels in the graph's metadata: keep it in step
-        from cellclf.model.onnx_export import export_onnx
-
-        export_onnx(paths.root, opset=int(card_d.get("onnx", {}).get("opset", 18)))
+    write_calibrated_card(paths, card_d)  # the card also travels in model.onnx's metadata
     return refit

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.errors import OptionError
+
 
 def _alpha_overrides(items: list[str]) -> dict[str, float]:
     """``CLASS=VALUE`` strings → {class: α}; a clear error for anything else."""
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
                                                 "certified statements)."),
         alpha_set: float = typer.Option(0.1, "--alpha-set",
                                         help="Miscoverage of the reviewer's conformal label sets."),
-        workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
         gate_unit: str = typer.Option(
             "auto", "--gate-unit",
             help="Which statement the thresholds carry: slides (slide-level Learn-then-Test: "
@@ -58,11 +60,24 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from cellclf.calibration.bundle_gate import calibrate_bundle, refit_from_review
+        from cellclf.calibration.bundle_gate import (
+            PREVIOUS_CARD,
+            calibrate_bundle,
+            refit_from_review,
+        )
+        from cellclf.model.engine import read_card
+
+        for name, value in (("--alpha", alpha), ("--delta", delta), ("--alpha-set", alpha_set)):
+            if not 0 < value < 1:
+                raise OptionError(f"{name} must lie between 0 and 1 (exclusive), got {value}")
+        if not 0 <= beta < 1:
+            raise OptionError(f"--beta must lie in [0, 1) (0 turns the miss bound off), got {beta}")
+        read_card(bundle)  # a missing or invalid bundle is refused before reading any slide
 
         if (data is None) == (from_review is None):
-            raise typer.BadParameter("give either --data SLIDES or --from-review FILE.npz",
-                                     param_hint="--data / --from-review")
+            raise OptionError("give either --data SLIDES or --from-review FILE.npz")
+        if gate_unit not in ("auto", "cells", "slides"):
+            raise OptionError(f"--gate-unit must be auto, cells or slides, got {gate_unit!r}")
         if from_review is not None:
             r = refit_from_review(bundle, from_review)
             typer.echo(f"refit from {r['n_audit_cells']} audited cells on {r['n_slides']} slides:")
@@ -97,14 +112,22 @@ def register(app: typer.Typer) -> None:
                           "—" if thr is None else f"{thr:.4f}", str(gate["n_cal"].get(c)), miss)
         console.print(table)
         for c, note in notes.items():
-            console.print(f"{c}: {note}", soft_wrap=True)
+            console.print(f"{c}: {note}", soft_wrap=True, markup=False)
         sg = s["gate_slides"]
         console.print(f"calibration slides ({sg['n_slides']}): {', '.join(sg['slides'])}",
-                      soft_wrap=True)
-        console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True)
+                      soft_wrap=True, markup=False)
+        console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True,
+                      markup=False)
         if not sg["established"]:
             for c, n_need in sg["slides_needed_at_half_alpha"].items():
                 console.print(f"  {c}: slide-level needs ≥ {sg['min_slides'][c]} slides with no "
                               f"errors, ≈ {n_need} when its accepted error runs at α/2",
-                              soft_wrap=True)
-        console.print(f"written to {bundle / 'card.json'}")
+                              soft_wrap=True, markup=False)
+        if all(t is None for t in gate["thresholds"].values()):
+            console.print(f"[yellow]warning:[/] no class could be certified with "
+                          f"{s['n_cells']} calibration cells: every cell will go to review. Add "
+                          "calibration slides with more labelled cells of each class.",
+                          soft_wrap=True)
+        console.print(f"written to {bundle / 'card.json'}; the previous card is kept as "
+                      f"{bundle / PREVIOUS_CARD} (to go back: copy it over card.json, then run "
+                      f"`cellclf export {bundle}`)", soft_wrap=True)

@@ -1,2 +1,2 @@
-"""Probabilities -> decisions: temperature, certified thresholds and their bounds (cells and
-slides as the unit), conformal sets, slide guard, the running audit's bounds."""
+"""Probabilities → decisions (pure maths): temperature, certified thresholds and their bounds
+(cells and slides as the unit), conformal sets, the slide guard, the running audit's bounds."""

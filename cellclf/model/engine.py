@@ -18,14 +18,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from cellclf.errors import BundleError
+from cellclf.model.bundle_checks import check_graph, metadata_card
 
 
 def read_card(bundle: str | Path) -> dict:
-    from cellclf.card import bundle_paths
+    from cellclf.card import bundle_paths, load_card
 
     paths = bundle_paths(bundle)
     if not paths.card.is_file():
         raise BundleError(f"{paths.card} not found: a bundle needs its card.json")
+    load_card(paths.root)  # validates: JSON object, classes, finite temperature, ...
     return json.loads(paths.card.read_text())
 
 
@@ -190,7 +192,9 @@ class OnnxEngine:
         if not path.is_file():
             flag = " --int8" if precision == "int8" else ""
             raise BundleError(f"{path} not found: run `cellclf export {paths.root}{flag}` first")
+        check_graph(card, None, path, precision)  # sha256 first: a truncated file never loads
         meta_card = onnx_card(path)
+        check_graph(card, meta_card, path, precision)
         graph_precision = (meta_card.get("onnx") or {}).get("precision", "fp32")
         if graph_precision != precision:
             raise BundleError(f"{path} is an {graph_precision} graph but precision {precision} was "
@@ -264,11 +268,12 @@ def onnx_card(path: str | Path) -> dict:
     """The card stored in an ONNX file's metadata (key ``cellclf_card``)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    meta = sess.get_modelmeta().custom_metadata_map
-    if "cellclf_card" not in meta:
-        raise BundleError(f"{path} carries no cellclf card in its metadata: export it with `cellclf export`")
-    return json.loads(meta["cellclf_card"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+        raise BundleError(f"{path} is not a readable ONNX graph ({type(exc).__name__}): run "
+                          f"`cellclf export {Path(path).parent}` again") from exc
+    return metadata_card(sess.get_modelmeta().custom_metadata_map, Path(path))
 
 
 def torch_available() -> bool:

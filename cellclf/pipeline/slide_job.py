@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cellclf.errors import CellclfError
+from cellclf.errors import CellclfError, os_error_message
 from cellclf.gate.audit_bound import DEFAULT_AUDIT_RATE, DEFAULT_BLIND_SHARE
 from cellclf.outputs.clinical_call import load_rules, manifest_text
 from cellclf.outputs.manifest import ManifestRow
@@ -45,6 +45,7 @@ class SlideOutcome:
 
     row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
+    ood_reasons: list[str] | None = None  # the slide-level guard's reasons, when it flagged
 
     @classmethod
     def failed(cls, slide_id: str, path: str, reason: str, seconds: float = 0.0) -> SlideOutcome:
@@ -82,9 +83,12 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
                           int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now(),
                           n_audited=int(result.audited.sum()) if result.audited is not None else 0,
                           clinical_call=manifest_text(calls))
-        return SlideOutcome(row, count_table(result))
+        ood = result.ood or {}
+        return SlideOutcome(row, count_table(result),
+                            list(ood.get("reasons", [])) if ood.get("flagged") else None)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
+        reason = (str(exc) if isinstance(exc, CellclfError) else os_error_message(exc)
+                  if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
         return SlideOutcome.failed(slide_id, str(path), reason, round(time.perf_counter() - t0, 3))
 
 
