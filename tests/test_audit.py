@@ -306,7 +306,7 @@ def test_calibrate_from_review_writes_raised_thresholds(random_bundle, tmp_path)
              classes=np.array(list(DEFAULT_CLASSES)), weight=np.full(len(labels), 50.0))
     runner = CliRunner()
     neither = runner.invoke(app, ["calibrate", str(bundle)])
-    assert neither.exit_code != 0 and "--from-review" in neither.output
+    assert neither.exit_code != 0 and "--from-review" in str(neither.exception)
     res = runner.invoke(app, ["calibrate", str(bundle), "--from-review", str(npz)])
     assert res.exit_code == 0, res.output
     gate = json.loads((bundle / "card.json").read_text())["gate"]
