@@ -340,7 +340,9 @@ def calibrate_project(root: str | Path, alpha: float | None = None, delta: float
     return write_calibration(bundle, logits, labels.label[held], stats, provenance,
                              alpha=alpha if alpha is not None else cfg.alpha,
                              delta=delta if delta is not None else cfg.delta,
-                             alpha_set=alpha_set, out=project.round_dir(rounds[-1])) | {
+                             alpha_set=alpha_set, out=project.round_dir(rounds[-1]),
+                             slide_of_cell=np.array([cfg.slides[i].slide_id for i in
+                                                     pool.slide_index[labels.index[held]]])) | {
         "bundle": str(bundle)}
 
 

@@ -59,6 +59,9 @@ class ReviewItem:
     crop_png: bytes
     context_png: bytes
     slide_path: str | None = None
+    audit: bool = False  # an auto-accepted cell sampled for the running audit (reviewer not told)
+    blind: bool = False  # the UI hides the model's answer until the reviewer has answered
+    site: str | None = None  # site / scanner tag for `cellclf audit`
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Item:
     lease_until: float | None
     n_labels: int
     label: str | None = None  # the asking reviewer's current label, when known
+    blind: bool = False  # hide the model's answer until this reviewer has answered
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
