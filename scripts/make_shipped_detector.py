@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a "
                     "shared 2-core machine)")
     ap.add_argument("--synth-dir", type=Path, default=None, help="reuse rendered slides here")
+    ap.add_argument("--scale-jitter", type=float, default=0.0,
+                    help="random zoom of training patches (v1 was trained without: 0.0)")
     ap.add_argument("--init", type=Path, default=None,
                     help="continue training from this bundle's weights (same data)")
     args = ap.parse_args()
@@ -64,7 +66,8 @@ def main() -> None:
             im = from_slide(slide, slide.with_suffix(".geojson"), mpp)
             (val if seed in SYNTH_VAL else train).append(im)
         card = train_detector(train, val, args.out, DATA_CARD, mpp=mpp, minutes=args.minutes,
-                              threads=args.threads, init=args.init)
+                              threads=args.threads, init=args.init,
+                              scale_jitter=args.scale_jitter)
     print(f"wrote {args.out}: threshold {card['threshold']}, held-out {card['validation']}")
 
 
