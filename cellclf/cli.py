@@ -15,7 +15,9 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import typer  # noqa: E402
 
+from cellclf import __version__  # noqa: E402
 from cellclf.commands import register_all  # noqa: E402
+from cellclf.errors import CellclfError  # noqa: E402
 
 app = typer.Typer(
     name="cellclf",
@@ -28,17 +30,26 @@ app = typer.Typer(
 register_all(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version,
+        help="Print the cellclf version and exit.")) -> None:
+    """Find and classify cells on whole-slide images (see the commands below)."""
+
+
 @app.command("version", help="Print the cellclf version.")
 def version() -> None:
-    from cellclf import __version__
-
     typer.echo(__version__)
 
 
 def main() -> None:
     """Run the CLI; turn CellclfError into a one-line message and exit code 2."""
-    from cellclf.errors import CellclfError
-
     try:
         app()
     except CellclfError as exc:

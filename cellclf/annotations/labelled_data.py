@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclf.annotations.geojson import read_points
 from cellclf.errors import AnnotationError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
               ".svslide", ".btf")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-ANNOTATION_EXTS = (".geojson", ".json", ".csv")
 SPLITS = ("train", "val", "test")
 
 # Source names that always mean a target class (after normalisation: lower case, "_" separators).
@@ -139,8 +139,6 @@ class DataSource:
 
 def read_geojson_points(path: str | Path) -> Points:
     """QuPath GeoJSON (Point, MultiPoint, Polygon → centroid) via :func:`cellclf.annotations.geojson.read_points`."""
-    from cellclf.annotations.geojson import read_points
-
     pts = read_points(path)
     xy = np.array([(p.x, p.y) for p in pts], dtype=np.float64).reshape(-1, 2)
     amb = np.array([bool(p.properties.get("ambiguous", False)) for p in pts], dtype=bool)

@@ -18,7 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.annotations.labelled_data import discover
+from cellclf.card import bundle_paths, load_card
 from cellclf.errors import CellclfError
+from cellclf.evaluation.evaluate import evaluate
+from cellclf.evaluation.gate_metrics import gated_rows
+from cellclf.gate.conformal import fit_aps
+from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
+from cellclf.gate.temperature import ece, fit_temperature, softmax
+from cellclf.gate.thresholds import fit_gate
+from cellclf.model.onnx_export import export_onnx
+from cellclf.outputs.atomic import atomic_write_json
 
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
 
@@ -43,16 +53,6 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
 
     ``beta`` is the gate's miss bound (None = off), ``alpha_per_class`` overrides α per class
     (see :func:`cellclf.gate.thresholds.fit_gate`)."""
-    from cellclf.annotations.labelled_data import discover
-    from cellclf.card import bundle_paths, load_card
-    from cellclf.evaluation.evaluate import evaluate
-    from cellclf.evaluation.gate_metrics import gated_rows
-    from cellclf.gate.conformal import fit_aps
-    from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
-    from cellclf.gate.temperature import ece, fit_temperature, softmax
-    from cellclf.gate.thresholds import fit_gate
-    from cellclf.outputs.atomic import atomic_write_json
-
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
     unknown = sorted(set(alpha_per_class or {}) - set(card.classes))
@@ -94,7 +94,6 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     atomic_write_json(paths.card, card_d)
     load_card(paths.root)  # validate what we wrote
     if paths.onnx.is_file():  # the graph bakes in the temperature: keep it in step
-        from cellclf.model.onnx_export import export_onnx
 
         prev = card_d.get("onnx", {})
         export_onnx(paths.root, opset=int(prev.get("opset", 18)))

@@ -10,6 +10,7 @@ import numpy as np
 
 from cellclf.gate.temperature import ece, reliability_bins, risk_coverage, softmax
 from cellclf.gate.thresholds import GateParams, apply_gate, evaluate_gate, review_counts, target_classes
+from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
 
 
 def gated_rows(table: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +42,6 @@ def gate_metrics(table: Any, card: Any, out: Path | None = None) -> dict[str, An
         result["counts_after_review"] = counts_after_review(table, gate, after.argmax(axis=1),
                                                             accept)
     if out is not None:
-        from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
-
         plot_reliability(reliability_bins(before, labels), reliability_bins(after, labels),
                          Path(out) / "reliability.png", temperature=t)
         point = None

@@ -91,7 +91,8 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         slide_id=slide_id, path=str(path), mpp=reader.mpp, width=reader.width,
         height=reader.height, vendor=reader.vendor, classes=gate.classes, **cells.arrays(),
         tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
-        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info})
+        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info},
+        other_class=card.other_class)
 
 
 def check_model_fits(slide_mpp: float, model_mpp: float, path: Path, max_ratio: float) -> None:

@@ -11,10 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.card import Card
 from cellclf.errors import CellclfError
+from cellclf.model.engine import Engine
 from cellclf.outputs.manifest import ManifestRow
 from cellclf.outputs.results import count_table, write_slide_results
 from cellclf.pipeline.run_slide import RunParams, run_slide
+from cellclf.review.store import ReviewStore
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,15 @@ class SlideOutcome:
 
     row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
+    other_class: str | None = None  # the card's catch-all (left out of the console line)
 
     @classmethod
     def failed(cls, slide_id: str, path: str, reason: str, seconds: float = 0.0) -> SlideOutcome:
         return cls(ManifestRow(slide_id, path, "failed", reason, 0, 0, seconds, utc_now()))
 
 
-def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Any, store: Any,
+def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Engine,
+                  store: ReviewStore,
                   versions: dict[str, str], progress: Any = None) -> SlideOutcome:
     """The per-slide body of a batch: run_slide → write_slide_results → review store. Never raises:
     a bad slide comes back as a failed outcome with its reason. Used by the local loop and by the
@@ -71,16 +76,14 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         _fault(f"before_manifest:{index}")
         row = ManifestRow(slide_id, str(path), "done", "", result.n_cells,
                           int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now())
-        return SlideOutcome(row, count_table(result))
+        return SlideOutcome(row, count_table(result), card.other_class)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
         return SlideOutcome.failed(slide_id, str(path), reason, round(time.perf_counter() - t0, 3))
 
 
-def open_store(url: str, card: dict) -> Any:
-    from cellclf.review.store import ReviewStore
-
-    return ReviewStore(url, classes=list(card["classes"]))
+def open_store(url: str, card: Card) -> ReviewStore:
+    return ReviewStore(url, classes=list(card.classes))
 
 
 def _fault(point: str) -> None:

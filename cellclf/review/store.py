@@ -25,12 +25,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cellclf.model.config import DEFAULT_CLASSES  # a new store's classes when none are given
 from cellclf.review import schema as S
 from cellclf.review.queries import StoreQueries
 from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
-    DEFAULT_CLASSES,
     PNG_SIGNATURE,
     REASONS,
     FinalLabel,
@@ -147,8 +147,8 @@ class ReviewStore(StoreQueries):
                                    "conformal_set")
         if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
             raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
-        if it.context_png and image_media_type(it.context_png) is None:
-            raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG/JPEG image")
+        if it.context_image and image_media_type(it.context_image) is None:
+            raise ReviewStoreError(f"{where}: context_image is neither empty nor a PNG/JPEG image")
 
     def add_items(self, items: Iterable[ReviewItem], batch: int = 1000) -> int:
         """Queue cells; one transaction per ``batch``; already queued cells are skipped.
@@ -178,7 +178,7 @@ class ReviewStore(StoreQueries):
                      n_labels=0, needs_review=1)
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
-                     context_png=bytes(it.context_png)) for it in unique.values()]
+                     context_png=bytes(it.context_image)) for it in unique.values()]
         with self._tx(write=True) as c:
             added = c.execute(self._insert(S.items).on_conflict_do_nothing(
                 index_elements=["slide_id", "cell_id"]).returning(S.items.c.id), rows).all()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from cellclf.review.schema import ReviewStoreError
 
-DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
 CANT_TELL = "cant_tell"
 REASONS = ("low_confidence", "uncertified_class", "ood_slide")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +35,7 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
+    ``context_image`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
     (batch inference stores JPEG: a 160² context as PNG weighs ~40 KB, as JPEG q90 ~8 KB, and the
     slide's own tiles are JPEG already); ``crop_png`` is the model's input crop, lossless PNG.
     ``(slide_id, cell_id)`` identifies the cell; adding it again is a
@@ -53,7 +52,7 @@ class ReviewItem:
     reason: str
     priority: float
     crop_png: bytes
-    context_png: bytes
+    context_image: bytes  # PNG or JPEG (stored in the images table's context_png column)
     slide_path: str | None = None
 
 
