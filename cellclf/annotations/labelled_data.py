@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.annotations.geojson import read_points
+from cellclf.card import DEFAULT_OTHER_CLASS
 from cellclf.errors import AnnotationError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
@@ -49,7 +50,7 @@ class ClassMap:
     """Source class name → model class. Unknown names go to ``other_class`` or raise."""
 
     classes: tuple[str, ...]
-    other_class: str = "other"
+    other_class: str = DEFAULT_OTHER_CLASS
     mapping: Mapping[str, str] = field(default_factory=dict)  # extra, checked first
     unknown: str = "other"  # "other" | "error"
 
@@ -138,7 +139,8 @@ class DataSource:
 
 
 def read_geojson_points(path: str | Path) -> Points:
-    """QuPath GeoJSON (Point, MultiPoint, Polygon → centroid) via :func:`cellclf.annotations.geojson.read_points`."""
+    """QuPath GeoJSON (Point, MultiPoint, Polygon → centroid) via
+    :func:`cellclf.annotations.geojson.read_points`."""
     pts = read_points(path)
     xy = np.array([(p.x, p.y) for p in pts], dtype=np.float64).reshape(-1, 2)
     amb = np.array([bool(p.properties.get("ambiguous", False)) for p in pts], dtype=bool)

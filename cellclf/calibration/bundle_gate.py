@@ -3,7 +3,8 @@
 
 Sits after training: classify the candidates of calibration slides that training never saw
 (:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths of
-:mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`, :mod:`cellclf.gate.slide_guard` — the
+:mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`,
+:mod:`cellclf.gate.slide_guard` — the
 temperature, the per-class certified thresholds, the reviewer's conformal sets and the slide-level
 OOD guard, and write them into card.json. The guarantee holds for slides exchangeable with the
 calibration slides; the OOD guard watches that assumption. By default the gate also certifies the

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cellclf.annotations.labelled_data import ClassMap, discover, load_points
-from cellclf.card import load_card
+from cellclf.card import DEFAULT_OTHER_CLASS, load_card
 from cellclf.detect.matching import detection_metrics, match_points
 from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import AnnotationError
@@ -48,7 +48,7 @@ def _div(a: float, b: float) -> float | None:
 
 
 def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str],
-                           other_class: str = "other") -> dict[str, Any]:
+                           other_class: str = DEFAULT_OTHER_CLASS) -> dict[str, Any]:
     """Per-class precision/recall/F1/support, macro-F1 over the target classes (all classes but
     ``other_class``; a target with neither support nor predictions is left out), balanced
     accuracy (mean recall over classes with support) and accuracy. Undefined values are None."""
@@ -74,7 +74,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str],
 
 
 def classification_metrics(truth: np.ndarray, pred: np.ndarray, classes: Sequence[str],
-                           other_class: str = "other") -> dict[str, Any]:
+                           other_class: str = DEFAULT_OTHER_CLASS) -> dict[str, Any]:
     return metrics_from_confusion(confusion(truth, pred, len(classes)), classes, other_class)
 
 

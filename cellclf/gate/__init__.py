@@ -1,1 +1,3 @@
-"""Probabilities -> decisions: temperature, certified thresholds and their bounds, conformal sets, slide guard, fitting a bundle's gate."""
+"""Probabilities -> decisions: temperature, certified thresholds and their bounds, conformal sets,
+slide guard, fitting a bundle's gate.
+"""

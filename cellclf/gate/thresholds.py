@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.card import DEFAULT_OTHER_CLASS
 from cellclf.gate.risk_bounds import (
     clopper_pearson_upper,
     max_misses,
@@ -39,10 +40,9 @@ from cellclf.gate.risk_bounds import (
 )
 from cellclf.gate.temperature import CalibrationError, check_scores
 
-__all__ = ["GUARANTEE", "GUARANTEE_MISS", "REASONS", "GateParams", "apply_gate",
-           "clopper_pearson_upper", "evaluate_gate", "fit_gate", "max_misses",
-           "min_cells_zero_errors", "miss_threshold", "review_counts", "review_priority",
-           "scan_thresholds"]
+__all__ = ["GUARANTEE", "GUARANTEE_MISS", "REASONS", "GateParams", "apply_gate", "catch_all",
+           "clopper_pearson_upper", "evaluate_gate", "fit_gate", "max_misses", "min_cells_zero_errors",
+           "miss_threshold", "review_counts", "review_priority", "scan_thresholds", "target_classes"]
 
 REASONS = ("accepted", "low_confidence", "uncertified_class", "ood_slide")
 
@@ -173,7 +173,7 @@ def _fit_miss(conf: np.ndarray, pred: np.ndarray, y: np.ndarray, classes: tuple[
 def fit_gate(probs: np.ndarray, labels: np.ndarray, classes: list[str] | tuple[str, ...],
              alpha: float = 0.01, delta: float = 0.05, temperature: float | None = None,
              date: str | None = None, *, alpha_per_class: dict[str, float] | None = None,
-             beta: float | None = None, other_class: str = "other") -> GateParams:
+             beta: float | None = None, other_class: str = DEFAULT_OTHER_CLASS) -> GateParams:
     """Fit per-class thresholds on calibrated calibration-split probabilities (module docstring).
 
     ``probs`` (N, K) are the temperature-scaled probabilities, ``labels`` (N,) the true class
@@ -358,10 +358,14 @@ def evaluate_gate(probs: np.ndarray, labels: np.ndarray, gate: GateParams) -> di
     return out
 
 
+def catch_all(gate: GateParams) -> str | None:
+    """The gate's catch-all class (gates fitted before ``other_class`` was kept: the default)."""
+    return gate.other_class or (DEFAULT_OTHER_CLASS if DEFAULT_OTHER_CLASS in gate.classes else None)
+
+
 def target_classes(gate: GateParams) -> list[str]:
-    """The classes whose counts matter: all but the catch-all (``other`` unless the gate says)."""
-    other = gate.other_class or ("other" if "other" in gate.classes else None)
-    return [c for c in gate.classes if c != other]
+    """The classes whose counts matter: all but the catch-all."""
+    return [c for c in gate.classes if c != catch_all(gate)]
 
 
 def review_counts(pred: np.ndarray, labels: np.ndarray, accept: np.ndarray, gate: GateParams,
@@ -377,8 +381,7 @@ def review_counts(pred: np.ndarray, labels: np.ndarray, accept: np.ndarray, gate
     but of another class. None where a class has no true cells.
     """
     y = np.asarray(labels)
-    other = gate.other_class or ("other" if "other" in gate.classes else None)
-    o = gate.classes.index(other) if other is not None else -1
+    o = gate.classes.index(catch_all(gate)) if catch_all(gate) is not None else -1
     out: dict[str, dict[str, Any]] = {}
     for c in target_classes(gate):
         i = gate.classes.index(c)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from cellclf.annotations.labelled_data import discover
-from cellclf.card import SYNTHETIC_NOTICE, Card
+from cellclf.card import DEFAULT_OTHER_CLASS, SYNTHETIC_NOTICE, Card
 from cellclf.errors import AnnotationError
 from cellclf.evaluation.evaluate import classification_metrics, metrics_from_confusion
 from cellclf.model.augment import apply_cpu, cpu_transform, gpu_augment
@@ -113,7 +113,7 @@ class CellLitModule(L.LightningModule):
     """Cross-entropy training of a CellClassifier; logs val macro-F1 over target classes."""
 
     def __init__(self, backbone: str, classes: list[str], mean: list[float], std: list[float],
-                 other_class: str = "other", lr: float = 1e-3, weight_decay: float = 1e-4,
+                 other_class: str = DEFAULT_OTHER_CLASS, lr: float = 1e-3, weight_decay: float = 1e-4,
                  loss_weights: list[float] | None = None, label_smoothing: float = 0.0,
                  gpu_augment: bool = False, gpu_hed_sigma: float = 0.03):
         super().__init__()

@@ -2,7 +2,8 @@
 
 Sits beside :func:`cellclf.pipeline.batch.run_batch`, which stays the driver: it expands the slides, skips
 finished ones, alone writes ``manifest.csv`` and shows progress. This module only replaces the local
-loop: each slide's work (:func:`cellclf.pipeline.batch.process_slide`: run_slide → results → review store) runs
+loop: each slide's work (:func:`cellclf.pipeline.batch.process_slide`: run_slide → results → review
+store) runs
 in a Ray actor. An actor is one long-lived worker process that loads the engine once and opens its
 own :class:`~cellclf.review.store.ReviewStore` on the same URL. Actors reserve ``num_gpus=1`` when
 CUDA GPUs are used (so one machine with N GPUs gets N workers, Ray pinning each to its GPU through
