@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom
 
+from cellclf.gate.risk_bounds import clopper_pearson_upper
 from cellclf.gate.temperature import CalibrationError
 from cellclf.gate.thresholds import (
     REASONS,
     GateParams,
     apply_gate,
-    clopper_pearson_upper,
     evaluate_gate,
     fit_gate,
     min_cells_zero_errors,

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+from cellclf.gate.risk_bounds import clopper_pearson_upper, max_misses
 from cellclf.gate.temperature import CalibrationError
 from cellclf.gate.thresholds import (
     GateParams,
     apply_gate,
-    clopper_pearson_upper,
     evaluate_gate,
     fit_gate,
-    max_misses,
     min_cells_zero_errors,
     miss_threshold,
     review_counts,

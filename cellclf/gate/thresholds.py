@@ -31,39 +31,33 @@ from typing import Any
 import numpy as np
 
 from cellclf.card import DEFAULT_OTHER_CLASS
-from cellclf.gate.risk_bounds import (
-    clopper_pearson_upper,
-    max_misses,
-    min_cells_zero_errors,
-    miss_threshold,
-    scan_thresholds,
-)
+from cellclf.gate import risk_bounds
+from cellclf.gate.risk_bounds import min_cells_zero_errors, miss_threshold, scan_thresholds
 from cellclf.gate.temperature import CalibrationError, check_scores
 
 __all__ = ["GUARANTEE", "GUARANTEE_MISS", "REASONS", "GateParams", "apply_gate", "catch_all",
-           "clopper_pearson_upper", "evaluate_gate", "fit_gate", "max_misses", "min_cells_zero_errors",
+           "evaluate_gate", "fit_gate", "min_cells_zero_errors",
            "miss_threshold", "review_counts", "review_priority", "scan_thresholds", "target_classes"]
 
 REASONS = ("accepted", "low_confidence", "uncertified_class", "ood_slide")
 
-GUARANTEE = ("For slides exchangeable with the calibration slides, with probability at least "
-             "{conf:g} (1 − δ, δ = {delta:g}) over the draw of the calibration set, the error "
-             "rate among auto-accepted cells of each predicted class is at most α = {alpha:g}. "
-             "Cells below their class threshold, cells of uncertified classes and all cells of "
-             "slides flagged out-of-distribution go to review.")
+GUARANTEE = ("For slides exchangeable with the calibration slides, with probability at least {conf:g} (1 − "
+             "δ, δ = {delta:g}) over the draw of the calibration set, the error rate among auto-accepted "
+             "cells of each predicted class is at most α = {alpha:g}. Cells below their class threshold, "
+             "cells of uncertified classes and all cells of slides flagged out-of-distribution go to "
+             "review.")
 
-GUARANTEE_MISS = ("For slides exchangeable with the calibration slides, with probability at "
-                  "least {conf:g} (1 − δ, δ = {delta:g}, split evenly over the {m} statements) "
-                  "over the draw of the calibration set, all of these hold at once: (a) for "
-                  "each predicted class c, the error rate among auto-accepted cells of class c "
-                  "is at most α_c ({alphas}); (b) for each target class t ({targets}), the share "
-                  "of true-t cells auto-accepted as '{other}' is at most β = {beta:g}. So, with "
-                  "every reviewed cell labelled right, a target class's count over detected cells "
-                  "is off on average by at most α_t·A_t/N_t upwards and β + Σ α_c·A_c/N_t "
-                  "(c another target class) downwards, where A_c is the number of cells "
-                  "auto-accepted as c and N_t the true number of t. Cells below their class "
-                  "threshold, cells of uncertified classes and all cells of slides flagged "
-                  "out-of-distribution go to review; cells the detector misses are not covered.")
+GUARANTEE_MISS = ("For slides exchangeable with the calibration slides, with probability at least {conf:g} "
+                  "(1 − δ, δ = {delta:g}, split evenly over the {m} statements) over the draw of the "
+                  "calibration set, all of these hold at once: (a) for each predicted class c, the error "
+                  "rate among auto-accepted cells of class c is at most α_c ({alphas}); (b) for each target "
+                  "class t ({targets}), the share of true-t cells auto-accepted as '{other}' is at most β = "
+                  "{beta:g}. So, with every reviewed cell labelled right, a target class's count over "
+                  "detected cells is off on average by at most α_t·A_t/N_t upwards and β + Σ α_c·A_c/N_t (c "
+                  "another target class) downwards, where A_c is the number of cells auto-accepted as c and "
+                  "N_t the true number of t. Cells below their class threshold, cells of uncertified "
+                  "classes and all cells of slides flagged out-of-distribution go to review; cells the "
+                  "detector misses are not covered.")
 
 
 @dataclass(frozen=True)
@@ -233,7 +227,7 @@ def fit_gate(probs: np.ndarray, labels: np.ndarray, classes: list[str] | tuple[s
         hit = (pred == classes.index(other_class)) & (y == i)
         k = int((conf[hit] >= lam_o).sum()) if lam_o is not None else 0
         m = miss[t_name]
-        m.update(n_missed=k, upper_bound=float(clopper_pearson_upper(k, m["n_true"], level)))
+        m.update(n_missed=k, upper_bound=float(risk_bounds.clopper_pearson_upper(k, m["n_true"], level)))
     return GateParams(
         classes=classes, alpha=float(alpha), delta=float(delta),
         **{key: {c: s[key] for c, s in scans.items()}
