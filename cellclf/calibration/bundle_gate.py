@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.annotations.labelled_data import discover
-from cellclf.card import bundle_paths, load_card
+from cellclf.card import Card, bundle_paths, load_card
 from cellclf.errors import CellclfError
 from cellclf.evaluation.evaluate import evaluate
 from cellclf.evaluation.gate_metrics import gated_rows
@@ -34,7 +34,7 @@ from cellclf.outputs.atomic import atomic_write_json
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
 
 
-def training_slide_ids(card: Any) -> set[str]:
+def training_slide_ids(card: Card) -> set[str]:
     slides = (card.training or {}).get("slides") or {}
     out: set[str] = set()
     for ids in slides.values():

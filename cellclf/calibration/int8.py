@@ -28,7 +28,7 @@ import numpy as np
 
 from cellclf.annotations.labelled_data import ClassMap, discover, load_points
 from cellclf.calibration.bundle_gate import training_slide_ids
-from cellclf.card import bundle_paths, load_card
+from cellclf.card import Card, bundle_paths, load_card
 from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import BundleError
 from cellclf.evaluation.evaluate import CellTable, classification_metrics, slide_table
@@ -45,7 +45,7 @@ INT8_FILE = "model.int8.onnx"
 CALIB_BATCH = 64
 
 
-def slide_crops(data: str | Path, card: Any, workers: int = 0, progress: bool = True,
+def slide_crops(data: str | Path, card: Card, workers: int = 0, progress: bool = True,
                 max_slides: int | None = None) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """(slide entry, candidate centres level-0, crops) for the slides of DATA, as inference cuts them."""
     entries = discover(data).entries
@@ -56,7 +56,7 @@ def slide_crops(data: str | Path, card: Any, workers: int = 0, progress: bool = 
         yield e, cands, extract_crops(e.slide, cands, card.mpp, card.crop_px, mpp=e.mpp, workers=workers)
 
 
-def sample_crops(data: str | Path, card: Any, n: int = 1024, max_slides: int = 8, workers: int = 0,
+def sample_crops(data: str | Path, card: Card, n: int = 1024, max_slides: int = 8, workers: int = 0,
                  progress: bool = True, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """About ``n`` candidate crops drawn evenly from up to ``max_slides`` slides of DATA."""
     rng = np.random.default_rng(seed)
@@ -159,7 +159,7 @@ def _logits_fn(path: Path, batch: int = 256) -> Any:
     return run
 
 
-def labelled_logits(data: str | Path, card: Any, runs: dict[str, Any], workers: int = 0,
+def labelled_logits(data: str | Path, card: Card, runs: dict[str, Any], workers: int = 0,
                     progress: bool = True) -> tuple[dict[str, Any], list[str]]:
     """Per backend in ``runs`` (name → crops→logits): the cell table over DATA's slides with truth."""
     classes = tuple(card.classes)
@@ -180,7 +180,7 @@ def labelled_logits(data: str | Path, card: Any, runs: dict[str, Any], workers: 
     return {k: CellTable.concat(v, classes) for k, v in tables.items()}, ids
 
 
-def fit_int8_gate(card: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def fit_int8_gate(card: Card, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Temperature, gate and conformal sets for int8 logits, with the fp32 gate's settings."""
     g = dict(card.gate or {})
     temperature = fit_temperature(logits, labels)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.card import Card
 from cellclf.gate.temperature import ece, reliability_bins, risk_coverage, softmax
 from cellclf.gate.thresholds import GateParams, apply_gate, evaluate_gate, review_counts, target_classes
 from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
@@ -20,7 +21,7 @@ def gated_rows(table: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-def gate_metrics(table: Any, card: Any, out: Path | None = None) -> dict[str, Any]:
+def gate_metrics(table: Any, card: Card, out: Path | None = None) -> dict[str, Any]:
     """ECE before/after, gate and no-gate numbers on a cell table; plots into ``out``."""
     logits, labels = gated_rows(table)
     if len(labels) == 0:
