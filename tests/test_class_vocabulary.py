@@ -45,6 +45,7 @@ def basophil_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_another_vocabulary_runs_end_to_end(basophil_bundle, tiny_svs, tmp_path) -> None:
     import pyarrow.parquet as pq
 

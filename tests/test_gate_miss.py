@@ -231,6 +231,7 @@ def _draw_three(rng: np.random.Generator, scale: int = 1) -> tuple[np.ndarray, n
     return np.concatenate(ps), np.concatenate(ys)
 
 
+@pytest.mark.slow
 def test_simulation_fit_gate_all_statements_hold() -> None:
     # K = 3 classes, M = 5 statements (3 error bounds α = 2 %, 2 miss bounds β = 2 %), δ = 0.1.
     # Error rates are measured on 45 000 fresh cells, miss rates are exact (see _draw_three).

@@ -39,6 +39,7 @@ def host_run(tiny_slide, cpu_engine):
 
 
 @pytest.mark.parametrize("decode", ["off", "on"])
+@pytest.mark.slow
 def test_device_stage_matches_host_stage(tiny_slide, cpu_engine, host_run, decode):
     """Tiles decoded on the host or by torchvision on the device (libjpeg-turbo on CPU, so the
     same pixels): the same cells, probabilities, gate decisions and review crops."""
