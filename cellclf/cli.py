@@ -17,30 +17,31 @@ import typer  # noqa: E402
 
 from cellclf import __version__  # noqa: E402
 from cellclf.commands import register_all  # noqa: E402
-from cellclf.errors import CellclfError  # noqa: E402
+from cellclf.errors import print_error, user_message  # noqa: E402
 
 app = typer.Typer(
     name="cellclf",
-    help="Find and classify eosinophils, neutrophils and mast cells on whole-slide images, "
-    "with a calibrated gate that sends doubtful cells to a pathologist.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps at any width, never truncates values
     add_completion=False,
 )
 register_all(app)
 
 
-def _print_version(value: bool) -> None:
+def _version_callback(value: bool) -> None:
     if value:
-        typer.echo(__version__)
+        typer.echo(f"cellclf {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
-def _root(show_version: bool = typer.Option(
-        False, "--version", is_eager=True, callback=_print_version,
-        help="Print the cellclf version and exit.")) -> None:
-    """Find and classify cells on whole-slide images (see the commands below)."""
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version_callback,
+                                 help="Print the cellclf version and exit."),
+) -> None:
+    """Find and classify eosinophils, neutrophils and mast cells on whole-slide images, with a
+    calibrated gate that sends doubtful cells to a pathologist."""
 
 
 @app.command("version", help="Print the cellclf version.")
@@ -49,13 +50,20 @@ def version() -> None:
 
 
 def main() -> None:
-    """Run the CLI; turn CellclfError into a one-line message and exit code 2."""
+    """Run the CLI; turn errors into one clear message (no traceback) and exit code 2.
+
+    :class:`CellclfError` carries its own message; an operating-system error (a read-only or full
+    disk, a path that is a folder, a missing permission) is described with the path it concerns.
+    Anything else is a bug: a one-line message, and the traceback only with ``CELLCLF_DEBUG=1``."""
     try:
         app()
-    except CellclfError as exc:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place errors become user messages
+        if os.environ.get("CELLCLF_DEBUG"):
+            raise
+        print_error(user_message(exc))
         sys.exit(2)
 
 

@@ -3,16 +3,18 @@
 # render a synthetic 40x demo slide, then `cellclf infer` it with the shipped model in models/.
 # Usage: bash scripts/demo.sh [OUT_DIR]   (default demo_out/)
 set -euo pipefail
+# OUT_DIR given relative to the caller's folder; the default lies in the repository
+if [[ $# -ge 1 ]]; then out="$(realpath -m -- "$1")"; else out=""; fi
 cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1 ORT_DISABLE_TELEMETRY=1
-out="${1:-demo_out}"
+out="${out:-$PWD/demo_out}"
 bash scripts/setup.sh deploy,review
 cellclf=.venv/bin/cellclf
 if [[ ! -f "$out/slides/demo.tif" ]]; then
   "$cellclf" synth "$out/slides" --width 12000 --height 9000 --mpp 0.25 --seed 2026 \
     --difficulty 0.3 --name demo
 fi
-"$cellclf" infer "$out/slides/demo.tif" --model models/cellclf-synth-he-v1 --out "$out/results"
+"$cellclf" infer "$out/slides/demo.tif" --model cellclf-synth-he-v1 --out "$out/results"
 echo
 echo "Report:        $out/results/demo/report.html"
 echo "Cells:         $out/results/demo/cells.parquet, cells.geojson (QuPath: File > Import objects)"

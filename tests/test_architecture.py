@@ -201,4 +201,4 @@ def test_every_command_answers_help(path: tuple[str, ...]) -> None:
 
 def test_version_option_prints_the_version() -> None:
     res = CliRunner().invoke(app, ["--version"])
-    assert res.exit_code == 0 and res.output.strip() == cellclf.__version__
+    assert res.exit_code == 0 and res.output.split() == ["cellclf", cellclf.__version__]

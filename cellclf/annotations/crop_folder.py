@@ -1,8 +1,8 @@
 """Crop folders for training: ``DIR/<class>/*.png|jpg`` read into uint8 crops at the model's
 field of view.
 
-Sits at the start of the training flow beside :mod:`cellclf.annotations.labelled_data` (which recognises
-a crop
+Sits at the start of the training flow beside :mod:`~cellclf.annotations.labelled_data` (which
+recognises a crop
 folder in ``discover``): crops at another µm/px or size are rescaled and centre-cut or padded.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.errors import AnnotationError
+from cellclf.outputs.atomic import current_umask
 
 # QuPath-style display colours (RGB) for the classes this project knows; others get grey.
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
@@ -37,6 +38,7 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "macrophage": (100, 180, 180),
 }
 _DEFAULT_COLOR = (128, 128, 128)
+MAX_COORD_PX = 1e9  # no slide is a billion pixels wide: larger positions are a unit mistake
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ def write_points(path: str | os.PathLike[str], points0: Iterable[tuple]) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared files
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
             buf: list[str] = []
@@ -140,10 +143,13 @@ def _xy(coord: Any) -> tuple[float, float]:
         raise _Bad(f"a position must be a list [x, y], got {coord!r}")
     try:
         x, y = float(coord[0]), float(coord[1])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _Bad(f"a position must hold numbers, got {coord!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)):
         raise _Bad(f"a position must be finite, got {coord!r}")
+    if abs(x) > MAX_COORD_PX or abs(y) > MAX_COORD_PX:
+        raise _Bad(f"a position must be level-0 pixels within ±{MAX_COORD_PX:.0e}, got {coord!r} "
+                   "(were the coordinates written in another unit?)")
     return x, y
 
 
@@ -186,8 +192,12 @@ def polygon_centroid(polygons: list[Any]) -> tuple[float, float]:
                 vy += sum(p[1] for p in pts)
                 nv += len(pts)
     if abs(area) > 1e-12:
-        return sx / area, sy / area
-    return vx / nv, vy / nv
+        x, y = sx / area, sy / area
+    else:
+        x, y = vx / nv, vy / nv
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise _Bad("the polygon's centroid cannot be computed (degenerate shape)")
+    return x, y
 
 
 def _class_name(props: Mapping[str, Any]) -> str | None:
@@ -257,7 +267,11 @@ def read_points(path: str | os.PathLike[str]) -> list[PointAnnotation]:
         raise AnnotationError(f"{path}: cannot read the annotation file ({exc})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise AnnotationError(f"{path}: the JSON is nested too deeply to be GeoJSON") from None
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer of thousands of digits
+            raise AnnotationError(f"{path}: not readable as GeoJSON ({exc})") from None
         raise AnnotationError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
             "export the annotations again as GeoJSON (QuPath: File > Export objects as GeoJSON)"

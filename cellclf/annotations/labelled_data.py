@@ -25,6 +25,7 @@ SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
               ".svslide", ".btf")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
+MAX_COORD = 1e9  # no slide is a billion pixels (or µm) across: larger values are a unit mistake
 
 # Source names that always mean a target class (after normalisation: lower case, "_" separators).
 DEFAULT_ALIASES: dict[str, str] = {
@@ -154,14 +155,17 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
         raise AnnotationError(f"{path}: cannot read the CSV file ({exc}); check the path") from None
     with fh:
         reader = csv.DictReader(fh)
-        header = [normalise_name(h) for h in (reader.fieldnames or [])]
         rows = []
         try:
+            header = [normalise_name(h) for h in (reader.fieldnames or [])]
             for row in reader:
                 rows.append((reader.line_num, {normalise_name(k or ""): (v or "").strip()
                                                for k, v in row.items() if k is not None}))
         except csv.Error as exc:
             raise AnnotationError(f"{path}: line {reader.line_num}: {exc}") from None
+        except UnicodeDecodeError:
+            raise AnnotationError(f"{path}: not UTF-8 text (saved as UTF-16 or a binary file?); "
+                                  "save it as 'CSV UTF-8 (comma delimited)'") from None
     return header, rows
 
 
@@ -194,9 +198,10 @@ def read_csv_points(path: str | Path, coords: str = "px", slide: Path | None = N
         except ValueError:
             raise AnnotationError(f"{path}: line {line}: x and y must be numbers, got "
                                   f"x={row['x']!r}, y={row['y']!r}") from None
-        if not (np.isfinite(x) and np.isfinite(y)) or x < 0 or y < 0:
+        if not (np.isfinite(x) and np.isfinite(y)) or x < 0 or y < 0 or max(x, y) > MAX_COORD:
             raise AnnotationError(f"{path}: line {line}: x, y must be finite and ≥ 0 "
-                                  f"({coords} from the slide's top-left corner), got {x}, {y}")
+                                  f"({coords} from the slide's top-left corner, below "
+                                  f"{MAX_COORD:.0e}), got {x}, {y}")
         name = row.get(cls_col or "class") or None
         if name is None:
             raise AnnotationError(f"{path}: line {line}: empty class; give every row a class")
@@ -241,7 +246,7 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict[str, object]]]:
 
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise AnnotationError(f"{path}: not a readable YAML manifest ({exc})") from None
         items = data.get("slides") if isinstance(data, dict) else data
         if not isinstance(items, list):
@@ -274,13 +279,13 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if not row.get("slide"):
             raise AnnotationError(f"{path}: {where}: empty 'slide'")
         slide = rel(row["slide"])
-        if not slide.is_file():
+        if not _is_file(slide):
             raise AnnotationError(f"{path}: {where}: slide {slide} not found")
         if slide.resolve() in seen:
             raise AnnotationError(f"{path}: {where}: slide {slide.name} is listed twice")
         seen.add(slide.resolve())
         ann = rel(row["annotations"]) if row.get("annotations") else _same_stem_annotation(slide)
-        if ann is None or not ann.is_file():
+        if ann is None or not _is_file(ann):
             raise AnnotationError(f"{path}: {where}: annotation file "
                                   f"{ann or slide.with_suffix('.geojson')} not found")
         split = str(row["split"]).strip().lower() if row.get("split") else None
@@ -290,15 +295,24 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if row.get("mpp") not in (None, ""):
             try:
                 mpp = float(row["mpp"])  # type: ignore[arg-type]
-            except ValueError:
+            except (TypeError, ValueError, OverflowError):
                 raise AnnotationError(f"{path}: {where}: mpp {row['mpp']!r} is not a number") \
                     from None
-            if not mpp > 0:
-                raise AnnotationError(f"{path}: {where}: mpp must be > 0, got {mpp}")
+            if not 0 < mpp < 100:
+                raise AnnotationError(f"{path}: {where}: mpp must be µm per pixel, > 0 and below "
+                                      f"100, got {mpp}")
         entries.append(SlideEntry(slide, ann, split, mpp))
     if not entries:
         raise AnnotationError(f"{path}: the manifest lists no slides")
     return entries
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS cannot even look up (too long, NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _same_stem_annotation(slide: Path) -> Path | None:
@@ -328,6 +342,11 @@ def discover(data: str | Path) -> DataSource:
             header, _ = _csv_rows(path)
             if "x" in header and "y" in header:
                 slides = sorted(read_csv_points(path))
+                missing = [s for s in slides if not _is_file(s)]
+                if missing:
+                    raise AnnotationError(f"{path}: slide {missing[0]} named in the CSV not found"
+                                          f"{f' (and {len(missing) - 1} more)' if missing[1:] else ''}"
+                                          "; relative paths are read from the CSV's folder")
                 return DataSource("points_csv", path, tuple(SlideEntry(s, path) for s in slides))
             return DataSource("manifest", path, tuple(read_manifest(path)))
         raise AnnotationError(f"{path}: expected a folder, a manifest (.csv/.yaml) or a points "

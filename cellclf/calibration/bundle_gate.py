@@ -4,10 +4,10 @@
 Sits after training: classify the candidates of calibration slides that training never saw
 (:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths of
 :mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`,
-:mod:`cellclf.gate.slide_guard` — the
-temperature, the per-class certified thresholds, the reviewer's conformal sets and the slide-level
-OOD guard, and write them into card.json. The guarantee holds for slides exchangeable with the
-calibration slides; the OOD guard watches that assumption. By default the gate also certifies the
+:mod:`cellclf.gate.slide_guard` — the temperature, the per-class certified thresholds, the
+reviewer's conformal sets and the slide-level OOD guard, and write them into card.json. The
+guarantee holds for slides exchangeable with the calibration slides; the OOD guard watches that
+assumption. By default the gate also certifies the
 miss bound (β = :data:`DEFAULT_BETA`: at most 1 % of each target class auto-accepted as ``other``),
 so that counts after review stay right; :func:`counts_after_review` measures that on test slides.
 """
@@ -29,7 +29,7 @@ from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
 from cellclf.gate.temperature import ece, fit_temperature, softmax
 from cellclf.gate.thresholds import fit_gate
 from cellclf.model.onnx_export import export_onnx
-from cellclf.outputs.atomic import atomic_write_json
+from cellclf.outputs.atomic import atomic_write_bytes, atomic_write_json
 
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
 
@@ -69,8 +69,9 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     table, _ = evaluate(paths.root, data, None, workers=workers, progress=progress)
     logits, labels = gated_rows(table)
     if len(labels) == 0:
-        raise CellclfError(f"{data}: no detected cells to calibrate on")
+        raise CellclfError(f"{data}: no detected cells to calibrate on; {paths.root} is unchanged")
     classes = list(card.classes)
+    check_usable_labels(labels, classes, card.other_class, data, paths.root)
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
@@ -92,15 +93,49 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
         "assumption": "the guarantee holds for slides exchangeable with these calibration "
                       "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
                       "whose stain or focus falls far outside them to review"}
-    atomic_write_json(paths.card, card_d)
-    load_card(paths.root)  # validate what we wrote
-    if paths.onnx.is_file():  # the graph bakes in the temperature: keep it in step
-
-        prev = card_d.get("onnx", {})
-        export_onnx(paths.root, opset=int(prev.get("opset", 18)))
+    write_calibrated_card(paths, card_d)
     summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
                "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
                "n_cells": int(len(labels))}
     if out is not None:
         atomic_write_json(Path(out) / "calibration.json", summary)
     return summary
+
+
+PREVIOUS_CARD = "card.previous.json"
+
+
+def check_usable_labels(labels: Any, classes: list[str], other_class: str | None, data: Any,
+                        root: Path) -> None:
+    """Refuse truth without any labelled cell of a target class (e.g. annotations that matched no
+    candidate, or class names the model does not know): it would uncertify every class."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    targets = [i for i, c in enumerate(classes) if c != other_class]
+    if not np.isin(labels, targets).any():
+        raise CellclfError(f"{data}: none of the {len(labels)} detected cells matches an annotated "
+                           f"cell of the classes {[classes[i] for i in targets]} (check that the "
+                           "annotations lie on these slides, use level-0 pixel coordinates and "
+                           f"these class names); {root} is unchanged")
+
+
+def write_calibrated_card(paths: Any, card_d: dict[str, Any]) -> None:
+    """Write the new card, then re-export model.onnx (its graph bakes in the temperature). The old
+    card is kept as card.previous.json; if anything fails the old card is put back, so a working
+    bundle is never left half-calibrated."""
+    import shutil
+
+    previous = paths.root / PREVIOUS_CARD
+    old_bytes = paths.card.read_bytes()
+    atomic_write_bytes(previous, old_bytes)
+    shutil.copymode(paths.card, previous)
+    try:
+        atomic_write_json(paths.card, card_d)
+        load_card(paths.root)  # validate what we wrote
+        if paths.onnx.is_file():
+            prev = card_d.get("onnx", {})
+            export_onnx(paths.root, opset=int(prev.get("opset", 18)))
+    except BaseException:
+        atomic_write_bytes(paths.card, old_bytes)  # model.onnx is replaced only on success
+        raise

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.errors import OptionError
+
 
 def _alpha_overrides(items: list[str]) -> dict[str, float]:
     """``CLASS=VALUE`` strings → {class: α}; a clear error for anything else."""
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
                                                 "certified statements)."),
         alpha_set: float = typer.Option(0.1, "--alpha-set",
                                         help="Miscoverage of the reviewer's conformal label sets."),
-        workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
     ) -> None:
         """Fit the temperature and the risk-controlled per-class thresholds (error bound per class,
         miss bound per target class) on calibration slides and store them in card.json
@@ -49,7 +51,15 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from cellclf.calibration.bundle_gate import calibrate_bundle
+        from cellclf.calibration.bundle_gate import PREVIOUS_CARD, calibrate_bundle
+        from cellclf.card import load_card
+
+        for name, value in (("--alpha", alpha), ("--delta", delta), ("--alpha-set", alpha_set)):
+            if not 0 < value < 1:
+                raise OptionError(f"{name} must lie between 0 and 1 (exclusive), got {value}")
+        if not 0 <= beta < 1:
+            raise OptionError(f"--beta must lie in [0, 1) (0 turns the miss bound off), got {beta}")
+        load_card(bundle)  # a missing or invalid bundle is refused before reading any slide
 
         s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
                              workers=workers, beta=beta if beta > 0 else None,
@@ -74,5 +84,12 @@ def register(app: typer.Typer) -> None:
                           "—" if thr is None else f"{thr:.4f}", str(gate["n_cal"].get(c)), miss)
         console.print(table)
         for c, note in notes.items():
-            console.print(f"{c}: {note}", soft_wrap=True)
-        console.print(f"written to {bundle / 'card.json'}")
+            console.print(f"{c}: {note}", soft_wrap=True, markup=False)
+        if all(t is None for t in gate["thresholds"].values()):
+            console.print(f"[yellow]warning:[/] no class could be certified with "
+                          f"{s['n_cells']} calibration cells: every cell will go to review. Add "
+                          "calibration slides with more labelled cells of each class.",
+                          soft_wrap=True)
+        console.print(f"written to {bundle / 'card.json'}; the previous card is kept as "
+                      f"{bundle / PREVIOUS_CARD} (to go back: copy it over card.json, then run "
+                      f"`cellclf export {bundle}`)", soft_wrap=True)

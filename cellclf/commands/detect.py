@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_choice, check_mpp, check_output_file
+
 
 def register(app: typer.Typer) -> None:
     @app.command("detect")
@@ -18,7 +20,7 @@ def register(app: typer.Typer) -> None:
         metrics_json: Path = typer.Option(None, "--metrics-json",
                                           help="Where to write the metrics (default: "
                                                "OUT_STEM.metrics.json beside OUT)."),
-        workers: int = typer.Option(0, help="Reader threads (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
@@ -26,6 +28,12 @@ def register(app: typer.Typer) -> None:
         QuPath-importable GeoJSON. With --truth, print recall per class, precision and the
         duplicate rate (match radius 4 µm) and write them as JSON."""
         from cellclf.detect.candidates import detect_to_geojson
+
+        check_mpp(mpp)
+        check_output_file("--out", out)
+        if metrics_json is not None:
+            check_output_file("--metrics-json", metrics_json)
+        check_choice("--backend", backend, ("auto", "numpy", "torch"))
 
         metrics = detect_to_geojson(slide, out, mpp=mpp, truth=truth, metrics_json=metrics_json,
                                     workers=workers, progress=progress, backend=backend)

@@ -6,24 +6,37 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    check_choice,
+    check_device,
+    check_mpp,
+    check_output_dir,
+    check_positive,
+    resolve_model,
+)
+from cellclf.errors import OptionError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("infer")
     def infer(
         slides: list[str] = typer.Argument(..., help="Slide files, globs, folders, or a .txt of paths."),
-        model: Path = typer.Option(Path("models/cellclf-synth-he-v1"), "--model", "-m",
-                                   help="Model bundle directory."),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                                  help="Model bundle folder, or the name of a shipped model "
+                                       "(models/ of cellclf, whatever the working folder)."),
         out: Path = typer.Option(Path("results"), "--out", "-o", help="Output folder."),
         device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
         backend: str = typer.Option("auto", help="auto | torch | onnx"),
-        workers: int = typer.Option(0, help="Reader threads per slide (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads per slide (0 = all cores)."),
         overwrite: bool = typer.Option(False, help="Redo slides already finished in OUT."),
         review_db: str = typer.Option(None, "--review-db",
                                       help="Review store URL (default OUT/review.sqlite; "
                                            "postgresql+psycopg://… for a lab server)."),
         mpp: float = typer.Option(None, help="µm per pixel for slides whose metadata lacks it."),
         hpf_area: float = typer.Option(0.237, "--hpf-area", help="HPF area in mm² for peak counts."),
-        batch: int = typer.Option(None, help="Crops per classification batch."),
+        batch: int = typer.Option(None, min=1, help="Crops per classification batch."),
         precision: str = typer.Option("fp32", help="fp32, or int8: the bundle's model.int8.onnx "
                                                     "with its own gate (onnxruntime; fastest on "
                                                     "1-2 CPU threads; see cellclf export --int8)."),
@@ -44,7 +57,16 @@ def register(app: typer.Typer) -> None:
         OUT/manifest.csv); 2: the run could not start (bad model, no slides)."""
         from cellclf.pipeline.batch import run_batch
 
-        report = run_batch(slides, model, out, backend=backend, device=device, workers=workers,
+        check_choice("--backend", backend, BACKENDS)
+        check_choice("--precision", precision, ("fp32", "int8"))
+        check_choice("--gpu-decode", gpu_decode, ("auto", "on", "off"))
+        check_device(device)
+        check_mpp(mpp)
+        check_positive("--hpf-area", hpf_area, allow_none=False, upper=100.0, unit=" mm²")
+        check_slide_args(slides)
+        check_output_dir("--out", out)
+        bundle = resolve_model(model)
+        report = run_batch(slides, bundle, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
                            hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus,
                            precision=precision, device_decode=gpu_decode)
@@ -70,9 +92,12 @@ def register(app: typer.Typer) -> None:
                                              "calibration ones (default: the card's training data)."),
         quant_crops: int = typer.Option(1024, "--quant-crops", min=64,
                                         help="--int8: crops for the activation ranges."),
-        workers: int = typer.Option(0, help="--int8: reader threads (0 = all cores)."),
+        workers: int = typer.Option(0, min=0, help="--int8: reader threads (0 = all cores)."),
     ) -> None:
         """Export the bundle to ONNX (uint8 crops in; probs and logits out; card in metadata)."""
+        from cellclf.card import load_card
+
+        load_card(bundle)  # a missing or invalid bundle is refused before any work
         if int8:
             from cellclf.calibration.int8 import export_int8
 
@@ -90,3 +115,17 @@ def register(app: typer.Typer) -> None:
         out = export_onnx(bundle, out=bundle / "model.fp16.onnx" if fp16 else None, opset=opset,
                           fp16=fp16)
         typer.echo(f"wrote {out}")
+
+
+def check_slide_args(slides: list[str]) -> None:
+    """Every SLIDES argument exists (a glob matches at least one path): a mistyped path stops the
+    run before it starts (exit 2) rather than becoming a failed row (exit 1)."""
+    import glob
+
+    for arg in slides:
+        if any(ch in arg for ch in "*?["):
+            if not glob.glob(arg, recursive=True):
+                raise OptionError(f"no slides: the pattern {arg} matches no file")
+        elif not Path(arg).exists():
+            raise OptionError(f"no slides: {arg} does not exist; check the path (slides, folders, "
+                              "globs or a .txt list of paths)")

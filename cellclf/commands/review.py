@@ -4,8 +4,12 @@ final counts). Library code lives in :mod:`cellclf.review`; it is imported insid
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
+
+from cellclf.commands._options import check_output_dir
+from cellclf.errors import OptionError
 
 DB_HELP = "Review store: a file path or sqlite:///PATH (SQLite), or postgresql+psycopg://USER@HOST/DB."
 
@@ -19,7 +23,7 @@ def init(
     classes: str = typer.Option(
         "", help="Comma-separated class order for a NEW store (keys 1..n in the UI); "
         "default eosinophil,neutrophil,mast_cell,other."),
-    reviews: int = typer.Option(0, help="Labels from different reviewers each cell needs "
+    reviews: int = typer.Option(0, min=0, help="Labels from different reviewers each cell needs "
                                 "(2 = double review); 0 keeps the current setting (default 1)."),
 ) -> None:
     from cellclf.review.store import open_store
@@ -44,6 +48,8 @@ def add_user(
 ) -> None:
     from cellclf.review.auth import add_user as _add
 
+    require_store(db)
+
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -58,7 +64,7 @@ def serve(
     db: str = typer.Option(..., "--db", help=DB_HELP),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: all; put a TLS "
                              "proxy in front)."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
     secure_cookies: bool | None = typer.Option(
         None, "--secure-cookies/--no-secure-cookies",
         help="Force the Secure cookie flag on/off (default: on when the request came over https)."),
@@ -68,6 +74,10 @@ def serve(
                                   "the queue."),
 ) -> None:
     from cellclf.review.app import serve as _serve
+
+    require_store(db)
+    if not lease_s > 0:
+        raise OptionError(f"--lease-s must be more than 0 seconds, got {lease_s}")
 
     _serve(db, host=host, port=port, secure_cookies=secure_cookies, lease_s=lease_s,
            proxy_headers=proxy_headers)
@@ -83,6 +93,9 @@ def export(
         "review_status property (for viewing in QuPath; training ignores them)."),
 ) -> None:
     from cellclf.review.label_export import export_labels
+
+    require_store(db)
+    check_output_dir("--out", Path(out))
 
     tally = export_labels(db, out, include_uncertain=include_uncertain)
     for slide, t in tally.items():
@@ -100,11 +113,27 @@ def finalize(
 ) -> None:
     from cellclf.review.finalize import finalize_results
 
+    require_store(db)
+
     done = finalize_results(db, results)
     for slide, f in done.items():
         counts = ", ".join(f"{c} {n}" for c, n in f["counts"].items())
         typer.echo(f"{slide}: {counts} · {f['reviewed']} reviewed, {f['pending']} pending, "
                    f"{f['cant_tell']} can't tell")
+
+
+def require_store(db: str) -> None:
+    """Commands other than ``init`` use an existing store: a mistyped SQLite path must not create
+    a new, empty one (a pathologist would then see an empty queue)."""
+    from cellclf.review.schema import ReviewStoreError, normalise_url
+
+    url = normalise_url(db)
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ReviewStoreError(f"review store {db} does not exist: check the path (cellclf "
+                                   "infer writes OUT/review.sqlite), or create a store with "
+                                   f"`cellclf review init --db {db}`")
 
 
 def register(app: typer.Typer) -> None:

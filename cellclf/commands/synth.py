@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_mpp, check_output_dir
+from cellclf.errors import OptionError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("synth", help="Render a synthetic H&E whole-slide image (pyramidal JPEG TIFF "
@@ -26,9 +29,14 @@ def register(app: typer.Typer) -> None:
                                 "svs (Aperio-style)."),
         name: str | None = typer.Option(None, "--name", help="File stem; default "
                                         "synth_s<seed>_d<difficulty>."),
-        workers: int = typer.Option(0, "--workers", help="Processes; 0 = all cores."),
+        workers: int = typer.Option(0, "--workers", min=0, help="Processes; 0 = all cores."),
     ) -> None:
         from cellclf.synth import render_slide
+
+        check_output_dir("OUT_DIR", out_dir)
+        check_mpp(mpp)
+        if width < 1 or height < 1:
+            raise OptionError(f"--width and --height must be at least 1 px, got {width} × {height}")
 
         slide, truth = render_slide(out_dir, width, height, mpp=mpp, seed=seed,
                                     difficulty=difficulty, fmt=fmt, name=name,

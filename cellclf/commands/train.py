@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.commands._options import check_choice, check_output_dir, check_positive
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
@@ -34,6 +36,8 @@ def register(app: typer.Typer) -> None:
         become `other`) and cached, so a second run never re-reads the slides.
         """
         from cellclf.model.config import load_config
+
+        check_output_dir("--out", out)
         from cellclf.model.training import fit
 
         extra = list(overrides or [])
@@ -54,7 +58,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, "
                                                           "confusion.png, report.md, cells.parquet."),
         match_um: float = typer.Option(4.0, help="Matching radius between candidates and truth."),
-        workers: int = typer.Option(0, help="Reader threads (0 = automatic)."),
+        workers: int = typer.Option(0, min=0, help="Reader threads (0 = automatic)."),
         progress: bool = typer.Option(True, help="Show progress bars."),
         coords_um: bool = typer.Option(False, "--um",
                                        help="CSV truth coordinates are in µm, not level-0 pixels."),
@@ -64,6 +68,10 @@ def register(app: typer.Typer) -> None:
         """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
         from cellclf.evaluation.evaluate import evaluate as run
+
+        check_positive("--match-um", match_um, allow_none=False, upper=50.0, unit=" µm")
+        check_output_dir("--out", out)
+        check_choice("--precision", precision, ("fp32", "int8"))
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
                          coords="um" if coords_um else "px", precision=precision)

@@ -1,7 +1,7 @@
 """``cellclf detect``: a slide's cell candidates written as QuPath GeoJSON and, given labelled truth,
 scored (recall per class, precision, duplicate rate within 4 µm).
 
-Sits beside the detect step: :func:`cellclf.detect.slide_detection.detect_slide` finds the candidates,
+Sits beside the detect step: :func:`~cellclf.detect.slide_detection.detect_slide` finds the candidates,
 this module
 writes them and matches them to truth with :mod:`cellclf.detect.matching`.
 """

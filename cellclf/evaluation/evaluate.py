@@ -244,6 +244,12 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
         truth_counts[e.slide_id] = {c: int((truth_idx == i).sum()) for i, c in enumerate(classes)}
         per_slide_det.append(detection_metrics(cands, truth0, [classes[i] for i in truth_idx],
                                                radius))
+    targets = [c for c in classes if c != card.other_class]
+    if not any(n[c] for n in truth_counts.values() for c in targets):
+        raise AnnotationError(f"{data}: the truth holds no annotated cell of the classes {targets}, "
+                              "so there is nothing to measure or calibrate against; check that "
+                              "the annotation files belong to these slides and use these class "
+                              "names (nothing was written)")
     detection = pool_detection(per_slide_det)
     table = CellTable.concat(tables, classes)
     metrics = table_metrics(table, card.other_class, truth_counts, detection)

@@ -1,3 +1,2 @@
-"""Probabilities -> decisions: temperature, certified thresholds and their bounds, conformal sets,
-slide guard, fitting a bundle's gate.
-"""
+"""Probabilities → decisions (pure maths): temperature, certified thresholds and their bounds,
+conformal sets, the slide guard."""

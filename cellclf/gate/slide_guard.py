@@ -212,11 +212,26 @@ def is_ood(stats: SlideStats, params: OODParams) -> tuple[bool, list[str]]:
     reasons = []
     for k, z in ood_scores(stats, params).items():
         if abs(z) > params.z_max:
-            what = "log focus" if k == "focus" else k
-            direction = "above" if z > 0 else "below"
-            reasons.append(f"{what} is {abs(z):.1f} robust SD {direction} the calibration "
-                           f"slides (limit {params.z_max:g})")
+            words = PLAIN_REASONS.get(k, (f"{k} is higher", f"{k} is lower"))[0 if z > 0 else 1]
+            reasons.append(f"{words} than on the calibration slides ({k} {abs(z):.1f} robust SD "
+                           f"{'above' if z > 0 else 'below'} them; limit {params.z_max:g})")
     return bool(reasons), reasons
+
+
+# what each statistic means to a pathologist: (when above the calibration slides, when below)
+PLAIN_REASONS = {
+    "od_h_mean": ("the haematoxylin (nuclear) staining is stronger",
+                  "the haematoxylin (nuclear) staining is weaker"),
+    "od_e_mean": ("the eosin staining is stronger", "the eosin staining is weaker"),
+    "od_residual_mean": ("the colours fit H&E less well (another stain, or scanner colour profile)",
+                         "the colours fit H&E unusually well"),
+    "od_p99": ("the darkest areas are darker (thick section, folds or pigment?)",
+               "the darkest areas are paler (faded or thin section?)"),
+    "focus": ("the image is sharper (or noisier)", "the image is blurrier (out of focus?)"),
+}
+OOD_ACTION = ("every cell of this slide was sent to review. Check the staining and the scan "
+              "(rescan a blurred slide); if this lab's slides simply look different from the "
+              "calibration slides, recalibrate the model on slides of this lab (cellclf calibrate)")
 
 
 OOD_SAMPLE_TILES = 12

@@ -10,7 +10,6 @@ own temperature and gate (``engine.card``), never the fp32 ones.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import numpy as np
 from cellclf.card import Card, bundle_paths, load_card
 from cellclf.errors import BundleError
 from cellclf.gate.temperature import softmax
+from cellclf.model.bundle_checks import check_graph, metadata_card
 
 
 class Engine(Protocol):
@@ -176,7 +176,9 @@ class OnnxEngine:
         if not path.is_file():
             flag = " --int8" if precision == "int8" else ""
             raise BundleError(f"{path} not found: run `cellclf export {paths.root}{flag}` first")
+        check_graph(card, None, path, precision)  # sha256 first: a truncated file never loads
         meta_card = onnx_card(path)
+        check_graph(card, meta_card, path, precision)
         graph_precision = (meta_card.get("onnx") or {}).get("precision", "fp32")
         if graph_precision != precision:
             raise BundleError(f"{path} is an {graph_precision} graph but precision {precision} was "
@@ -250,11 +252,12 @@ def onnx_card(path: str | Path) -> dict:
     """The card stored in an ONNX file's metadata (key ``cellclf_card``)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    meta = sess.get_modelmeta().custom_metadata_map
-    if "cellclf_card" not in meta:
-        raise BundleError(f"{path} carries no cellclf card in its metadata: export it with `cellclf export`")
-    return json.loads(meta["cellclf_card"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+        raise BundleError(f"{path} is not a readable ONNX graph ({type(exc).__name__}): run "
+                          f"`cellclf export {Path(path).parent}` again") from exc
+    return metadata_card(sess.get_modelmeta().custom_metadata_map, Path(path))
 
 
 def torch_available() -> bool:

@@ -28,6 +28,7 @@ from cellclf.card import bundle_paths
 from cellclf.errors import BundleError
 from cellclf.outputs.atomic import atomic_write_json
 
+MIN_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes
 NCHWC_BLOCK = 16  # onnxruntime's NCHWc channel block on AVX-512 (8 on AVX2; 16 suits both)
 
 
@@ -255,6 +256,11 @@ def export_onnx(bundle: str | Path, out: str | Path | None = None, opset: int = 
 
     from cellclf.model.network import load_bundle
 
+    max_opset = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= max_opset:
+        raise BundleError(f"--opset {opset} is not supported: torch's ONNX exporter writes opset "
+                          f"{MIN_OPSET} to {max_opset} (the installed onnx); onnxruntime ≥ 1.14 "
+                          f"runs opset {MIN_OPSET}")
     paths = bundle_paths(bundle)
     model, card = load_bundle(paths.root)
     card_d = card.to_dict() if hasattr(card, "to_dict") else dict(card)
@@ -275,6 +281,11 @@ def export_onnx(bundle: str | Path, out: str | Path | None = None, opset: int = 
         tmp.unlink(missing_ok=True)
         raise BundleError(f"ONNX export of {paths.root} failed: {exc}") from exc
     proto = onnx.load(str(tmp))
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if written != opset:  # never record an opset the file does not have
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"the exporter wrote opset {written} when {opset} was asked for: use "
+                          f"--opset {written}")
     if fp16:
         weights_to_fp16(proto)
     meta_card = dict(card_d)

@@ -18,6 +18,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -33,7 +34,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: a NaN or infinite number is written as null (``NaN`` is not JSON)."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, default=_json_default,
+                      allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc), else by the
+    set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf; numpy's too) replaced by None."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.floating):
+            return finite_or_null(float(obj))
+        if isinstance(obj, np.ndarray):
+            return finite_or_null(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from cellclf.errors import CellclfError
 from cellclf.outputs.atomic import atomic_write_text
 
 
@@ -30,6 +31,7 @@ class ManifestRow:
 
 
 FIELDS = [f.name for f in fields(ManifestRow)]
+STATUSES = ("done", "failed")
 
 
 def slide_id_for(path: Path, taken: set[str]) -> str:
@@ -55,14 +57,28 @@ class Manifest:
         self.path = Path(path)
         self.rows: dict[str, ManifestRow] = {}
         if self.path.exists():
-            with self.path.open(newline="") as fh:
-                for rec in csv.DictReader(fh):
-                    self.rows[rec["slide_id"]] = ManifestRow(
-                        slide_id=rec["slide_id"], path=rec["path"], status=rec["status"],
-                        reason=rec.get("reason", ""), n_cells=int(rec.get("n_cells") or 0),
-                        n_review=int(rec.get("n_review") or 0),
-                        seconds=float(rec.get("seconds") or 0.0),
-                        finished_at=rec.get("finished_at", ""))
+            try:
+                with self.path.open(newline="", encoding="utf-8") as fh:
+                    reader = csv.DictReader(fh)
+                    lacking = [f for f in ("slide_id", "path", "status")
+                               if f not in (reader.fieldnames or [])]
+                    if lacking:
+                        raise ValueError(f"its header lacks {lacking}")
+                    for rec in reader:
+                        row = ManifestRow(
+                            slide_id=rec["slide_id"], path=rec["path"], status=rec["status"],
+                            reason=rec.get("reason") or "", n_cells=int(rec.get("n_cells") or 0),
+                            n_review=int(rec.get("n_review") or 0),
+                            seconds=float(rec.get("seconds") or 0.0),
+                            finished_at=rec.get("finished_at") or "")
+                        if not isinstance(row.slide_id, str) or row.status not in STATUSES:
+                            raise ValueError(f"status {row.status!r}")
+                        self.rows[row.slide_id] = row
+            except (KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as exc:
+                raise CellclfError(
+                    f"{self.path} is not a readable cellclf manifest ({type(exc).__name__}: "
+                    f"{exc}): move it aside (e.g. to manifest.csv.bad) and run again; finished "
+                    "slides are recognised by their summary.json and not redone") from exc
 
     def get(self, slide_id: str) -> ManifestRow | None:
         return self.rows.get(slide_id)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellclf.annotations.geojson import class_color
+from cellclf.gate.slide_guard import OOD_ACTION
 from cellclf.outputs.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -52,8 +53,9 @@ def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 
             thumb = Image.alpha_composite(thumb.convert("RGBA"), Image.fromarray(layer)).convert("RGB")
     draw = ImageDraw.Draw(thumb)
     dot = 1 if len(result.xy0) > 20000 else 2
+    other = summary.get("model_card", {}).get("other_class")
     for kk, name in enumerate(result.classes):
-        if name == result.other_class:
+        if name == other:
             continue
         colour = class_color(name)
         for x, y in result.xy0[pred == kk] / ds:
@@ -79,13 +81,17 @@ def render_report_html(summary: dict) -> str:
     counts = summary["counts"]
     final = summary.get("final")
     rows = []
+    pending = int(final.get("pending", 0)) if final else 0
     for name, c in counts.items():
         dens = summary["per_mm2"].get(name, {})
         hot = summary["peak_hpf"].get(name)
         fin = final["counts"].get(name) if final else None
+        # a count is final only when no queued cell is still waiting for a reviewer
+        fin_txt = (_fmt(fin) if final and not pending else
+                   f"pending ({pending} cells)" if final else "–")
         rows.append(
             f"<tr><td>{e(name)}</td><td>{c['accepted']}</td><td>{c['review']}</td>"
-            f"<td>{c['total']}</td><td>{_fmt(fin) if final else '–'}</td>"
+            f"<td>{c['total']}</td><td>{fin_txt}</td>"
             f"<td>{_fmt(dens.get('total'))}</td>"
             f"<td>{hot['count'] if hot else '–'}</td></tr>")
     gate = summary["gate"]
@@ -94,7 +100,7 @@ def render_report_html(summary: dict) -> str:
     reasons = ", ".join(f"{e(k)}: {v}" for k, v in gate.get("reasons", {}).items()) or "–"
     ood = gate.get("ood") or {}
     ood_html = (f"<p class=warn><b>Slide flagged out of distribution</b>: "
-                f"{e('; '.join(ood.get('reasons', [])))} — every cell was sent to review.</p>"
+                f"{e('; '.join(ood.get('reasons', [])))}. What to do: {e(OOD_ACTION)}.</p>"
                 if ood.get("flagged") else "")
     if final:
         status = (f"<p><b>Review:</b> {final.get('reviewed', 0)} reviewed, "
@@ -103,7 +109,12 @@ def render_report_html(summary: dict) -> str:
     else:
         status = ("<p><b>Review:</b> not yet finalised — the 'total' column counts machine "
                   "predictions; queued cells await a pathologist.</p>")
-    timings = ", ".join(f"{e(k)} {v:.2f} s" for k, v in summary.get("timings_s", {}).items())
+    timings = timings_table(summary.get("timings_s", {}))
+    versions = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>"
+                       for k, v in summary.get("versions", {}).items())
+    card_classes = [c for c in card.get("classes", counts) if c != card.get("other_class")]
+    legend = legend_html(card_classes)
+    hotspots = hotspot_rows(summary["peak_hpf"], summary["slide"]["mpp"])
     auto = gate.get("automation_rate")
     guarantee = gate_card.get("guarantee") or "no calibrated gate in this model card"
     area = summary["hpf_area_mm2"]
@@ -122,7 +133,12 @@ tissue {summary['tissue_area_mm2']:.2f} mm² · {summary['n_cells']:,} cells</p>
 <table><tr><th>class</th><th>auto-accepted</th><th>to review</th><th>total (predicted)</th>
 <th>final (after review)</th><th>per mm² tissue</th><th>peak per HPF ({area} mm²)</th></tr>
 {''.join(rows)}</table>
-<h2>Overlay</h2><p class=muted>Dots: predicted cells; shading: density; ringed: the hotspot HPF.</p>
+<h2>Hotspots</h2><p class=muted>The high-power field (HPF, {area} mm²) with the most cells of each
+class; centre in level-0 pixels (x right, y down from the top-left corner) and in mm.</p>
+<table><tr><th>class</th><th>cells in the HPF</th><th>centre x, y (px)</th><th>centre x, y (mm)</th>
+</tr>{hotspots}</table>
+<h2>Overlay</h2><p class=muted>Dots: predicted cells ({legend}); shading: density of
+{e(card_classes[0] if card_classes else '')}; ringed: its hotspot HPF.</p>
 <img src="overlay.png" alt="slide overlay">
 <h2>Gate</h2><p>Automation rate {_fmt(None if auto is None else 100 * auto)} % · reasons: {reasons}</p>
 <p class=muted>{e(str(guarantee))}</p>
@@ -130,8 +146,9 @@ tissue {summary['tissue_area_mm2']:.2f} mm² · {summary['n_cells']:,} cells</p>
 classes {e(', '.join(card.get('classes', [])))} · {card.get('mpp', '?')} µm/px ·
 crop {card.get('crop_px', '?')} px</p>
 <p class=muted>{e(str(card.get('intended_use', '')))}</p>
-<h2>Run</h2><p class=muted>Timings: {timings or '–'}<br>
-Versions: {e(json.dumps(summary.get('versions', {})))}</p>
+<h2>Run</h2>
+<table class=muted><tr><th>step</th><th>seconds</th></tr>{timings}</table>
+<h3>Versions</h3><table class=muted><tr><th>software</th><th>version</th></tr>{versions}</table>
 </body></html>
 """
 
@@ -143,3 +160,42 @@ def write_report(slide_dir: Path) -> Path:
     out = slide_dir / "report.html"
     atomic_write_text(out, render_report_html(summary))
     return out
+
+
+# steps measured inside another step (shown indented, never added to the total twice)
+NESTED_TIMINGS = {"classify": "read_detect_classify", "device_stage_wait": "read_detect_classify"}
+
+
+def timings_table(timings: dict[str, float]) -> str:
+    """Table rows: each top-level step, its nested steps as "of which …", then the total."""
+    e = html.escape
+    rows = []
+    for k, v in timings.items():
+        if k == "total" or k in NESTED_TIMINGS:
+            continue
+        rows.append(f"<tr><td>{e(k)}</td><td>{v:.2f}</td></tr>")
+        rows += [f"<tr><td>&nbsp;&nbsp;of which {e(n)}</td><td>{timings[n]:.2f}</td></tr>"
+                 for n, parent in NESTED_TIMINGS.items() if parent == k and n in timings]
+    if "total" in timings:
+        rows.append(f"<tr><td><b>total</b></td><td><b>{timings['total']:.2f}</b></td></tr>")
+    return "".join(rows) or "<tr><td>–</td><td>–</td></tr>"
+
+
+def legend_html(classes: list[str]) -> str:
+    """Inline colour swatches of the classes drawn on the overlay."""
+    return ", ".join(f"<span style='color:rgb{class_color(c)}'>&#9679;</span> {html.escape(c)}"
+                     for c in classes)
+
+
+def hotspot_rows(peaks: dict[str, dict], mpp: float) -> str:
+    """One row per target class: cells in its peak HPF and the HPF centre (px and mm)."""
+    e = html.escape
+    rows = []
+    for name, hot in peaks.items():
+        if not hot or not hot.get("count"):
+            rows.append(f"<tr><td>{e(name)}</td><td>0</td><td>–</td><td>–</td></tr>")
+            continue
+        x, y = float(hot["x"]), float(hot["y"])
+        rows.append(f"<tr><td>{e(name)}</td><td>{hot['count']}</td><td>{x:,.0f}, {y:,.0f}</td>"
+                    f"<td>{x * mpp / 1000:.2f}, {y * mpp / 1000:.2f}</td></tr>")
+    return "".join(rows)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cellclf.card import load_card
 from cellclf.errors import CellclfError
+from cellclf.gate.slide_guard import OOD_ACTION
 from cellclf.model.engine import load_engine
 from cellclf.outputs.manifest import Manifest, ManifestRow, slide_id_for
 from cellclf.pipeline.ray_workers import run_on_ray
@@ -43,7 +46,12 @@ def expand_slides(args: list[str]) -> list[Path]:
         elif p.is_dir():
             out += sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES)
         elif p.suffix.lower() in {".txt", ".lst", ".list"} and p.is_file():
-            for line in p.read_text().splitlines():
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise CellclfError(f"{p} is not a text list of slide paths (not UTF-8 text): give "
+                                   "one slide path per line, or the slides themselves") from exc
+            for line in lines:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     q = Path(line)
@@ -167,7 +175,11 @@ def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: Batch
                       + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
                                   for k, v in counts.items() if k != outcome.other_class)
                       + f", {row.n_review} to review → {out_dir / sid / 'report.html'}")
+        if outcome.ood_reasons:
+            console.print(f"[yellow]warning[/] {sid} looks unlike the calibration slides: "
+                          + escape("; ".join(outcome.ood_reasons)) + f"; {OOD_ACTION}.",
+                          soft_wrap=True)
         report.done += 1
     else:
-        console.print(f"[red]failed[/] {sid}: {row.reason}")
+        console.print(f"[red]failed[/] {sid}: {escape(row.reason)}", soft_wrap=True)
         report.failed += 1

@@ -1,15 +1,15 @@
 """Scale-out of ``cellclf infer`` over Ray: one worker per GPU on one machine, or many machines.
 
-Sits beside :func:`cellclf.pipeline.batch.run_batch`, which stays the driver: it expands the slides, skips
-finished ones, alone writes ``manifest.csv`` and shows progress. This module only replaces the local
-loop: each slide's work (:func:`cellclf.pipeline.batch.process_slide`: run_slide → results → review
-store) runs
-in a Ray actor. An actor is one long-lived worker process that loads the engine once and opens its
-own :class:`~cellclf.review.store.ReviewStore` on the same URL. Actors reserve ``num_gpus=1`` when
-CUDA GPUs are used (so one machine with N GPUs gets N workers, Ray pinning each to its GPU through
-``CUDA_VISIBLE_DEVICES``), else ``max(1, workers)`` CPUs each. Slides go to whichever actor is free;
-the driver collects outcomes with ``ray.wait`` and records each as it comes back, so a failed slide
-(or a crashed worker) becomes a failed row with its reason and the batch goes on.
+Sits beside :func:`cellclf.pipeline.batch.run_batch`, which stays the driver: it expands the slides,
+skips finished ones, alone writes ``manifest.csv`` and shows progress. This module only replaces the
+local loop: each slide's work (:func:`~cellclf.pipeline.slide_job.process_slide`: run_slide →
+results → review store) runs in a Ray actor. An actor is one long-lived worker process that loads
+the engine once and opens its own :class:`~cellclf.review.store.ReviewStore` on the same URL. Actors
+reserve ``num_gpus=1`` when CUDA GPUs are used (so one machine with N GPUs gets N workers, Ray
+pinning each to its GPU through ``CUDA_VISIBLE_DEVICES``), else ``max(1, workers)`` CPUs each.
+Slides go to whichever actor is free; the driver collects outcomes with ``ray.wait`` and records
+each as it comes back, so a failed slide (or a crashed worker) becomes a failed row with its reason
+and the batch goes on.
 
 Ray is an optional extra (``pip install 'cellclf[ray]'``), imported only here and only when used.
 Many machines need: cellclf installed on every node, slide, model and output paths that are the same

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.card import Card
-from cellclf.errors import CellclfError
+from cellclf.errors import CellclfError, os_error_message
 from cellclf.model.engine import Engine
 from cellclf.outputs.manifest import ManifestRow
 from cellclf.outputs.results import count_table, write_slide_results
@@ -43,6 +43,7 @@ class SlideOutcome:
     row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
     other_class: str | None = None  # the card's catch-all (left out of the console line)
+    ood_reasons: list[str] | None = None  # the slide-level guard's reasons, when it flagged
 
     @classmethod
     def failed(cls, slide_id: str, path: str, reason: str, seconds: float = 0.0) -> SlideOutcome:
@@ -76,9 +77,12 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         _fault(f"before_manifest:{index}")
         row = ManifestRow(slide_id, str(path), "done", "", result.n_cells,
                           int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now())
-        return SlideOutcome(row, count_table(result), card.other_class)
+        ood = result.ood or {}
+        return SlideOutcome(row, count_table(result), card.other_class,
+                            list(ood.get("reasons", [])) if ood.get("flagged") else None)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
-        reason = str(exc) if isinstance(exc, CellclfError) else f"{type(exc).__name__}: {exc}"
+        reason = (str(exc) if isinstance(exc, CellclfError) else os_error_message(exc)
+                  if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
         return SlideOutcome.failed(slide_id, str(path), reason, round(time.perf_counter() - t0, 3))
 
 

@@ -41,6 +41,9 @@ class _LoginRequired(Exception):
     pass
 
 
+QUEUE_PAGE_ROWS = 50  # rows of the queue page; the review page serves every cell in this order
+
+
 class ClaimIn(BaseModel):
     slide: str | None = None
     predicted: str | None = None
@@ -179,9 +182,11 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     def queue_page(request: Request, slide: str | None = None, predicted: str | None = None,
                    s: auth.Session = Depends(session)) -> Response:
         slide, predicted = slide or None, predicted or None
+        items = st.queue(slide, predicted, limit=QUEUE_PAGE_ROWS + 1)
         return page(request, "queue.html", s, slide=slide, predicted=predicted,
-                    items=st.queue(slide, predicted, limit=50), slides=st.progress_by_slide(),
-                    total=st.progress(), required=st.required_reviews)
+                    items=items[:QUEUE_PAGE_ROWS], more=len(items) > QUEUE_PAGE_ROWS,
+                    page_rows=QUEUE_PAGE_ROWS, slides=st.progress_by_slide(),
+                    total=st.progress(slide, predicted), required=st.required_reviews)
 
     @app.get("/review", response_class=HTMLResponse)
     def review_page(request: Request, slide: str | None = None, predicted: str | None = None,
@@ -197,26 +202,32 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
     # ---------------------------------------------------------------- API
 
-    def progress(slide: str | None) -> dict[str, Any]:
-        """Progress of the reviewer's scope: one slide (when filtered) or the whole store."""
-        return {"slide": st.progress(slide)} if slide else {"slide": None, "all": st.progress()}
+    def progress(slide: str | None, predicted: str | None = None) -> dict[str, Any]:
+        """Progress of the reviewer's scope: the filter (slide and/or predicted class) when one is
+        set, else the whole store."""
+        slide, predicted = slide or None, predicted or None
+        if slide or predicted:
+            return {"slide": st.progress(slide, predicted), "predicted": predicted}
+        return {"slide": None, "all": st.progress()}
 
     @app.get("/api/progress")
-    def api_progress(slide: str | None = None, s: auth.Session = Depends(session)) -> dict:
-        return progress(slide)
+    def api_progress(slide: str | None = None, predicted: str | None = None,
+                     s: auth.Session = Depends(session)) -> dict:
+        return progress(slide, predicted)
 
     @app.post("/api/claim")
     def api_claim(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
         item = st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s,
                         exclude=body.exclude)
-        return {"item": item_json(item), "progress": progress(body.slide)}
+        return {"item": item_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/label")
     def api_label(item_id: int, body: LabelIn, s: auth.Session = Depends(csrf)) -> dict:
         audit_id = st.label(s.user, item_id, body.label)
         nxt = (st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s)
                if body.next else None)
-        return {"audit_id": audit_id, "item": item_json(nxt), "progress": progress(body.slide)}
+        return {"audit_id": audit_id, "item": item_json(nxt),
+                "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/release")
     def api_release(item_id: int, s: auth.Session = Depends(csrf)) -> dict:
@@ -225,7 +236,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     @app.post("/api/undo")
     def api_undo(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
         item = st.undo(s.user, lease_s=lease_s)
-        return {"item": item_json(item), "progress": progress(body.slide)}
+        return {"item": item_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.get("/api/history")
     def api_history(limit: int = 50, s: auth.Session = Depends(session)) -> dict:

@@ -64,18 +64,27 @@ def finalize_results(store: ReviewStore | str, results_dir: str | Path,
         raise ReviewStoreError(f"no <slide>/summary.json under {root}; is this the output folder "
                                "of `cellclf infer`?")
     known = set(st.slides())
-    out: dict[str, dict[str, Any]] = {}
+    checked = []  # every slide checked before any file is written
     for path in summaries:
         try:
             summary = json.loads(path.read_text())
             counts = summary["counts"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sent = sum(int(c.get("review", 0)) for c in counts.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise AnnotationError(f"{path}: not a cellclf summary ({exc}); re-run `cellclf infer` "
                                   "for this slide") from exc
         slide_id = str(summary.get("slide_id") or path.parent.name)
         finals = st.final_labels(slide_id) if slide_id in known else []
+        if sent != len(finals):  # another run's store (or another run's results)
+            raise ReviewStoreError(
+                f"{path}: {sent} cells of slide {slide_id} went to review but the store "
+                f"{st.url} holds {len(finals)} for it: give the review store of the same "
+                "`cellclf infer` run (by default RESULTS/review.sqlite); nothing was written")
+        checked.append((path, summary, slide_id, finals))
+    out: dict[str, dict[str, Any]] = {}
+    for path, summary, slide_id, finals in checked:
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        summary["final"] = final_section(counts, finals, now)
+        summary["final"] = final_section(summary["counts"], finals, now)
         atomic_write_json(path, summary)
         if report:
             write_report(path.parent)

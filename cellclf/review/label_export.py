@@ -2,8 +2,7 @@
 
 Data flow: review store (:meth:`ReviewStore.final_labels`) → ``OUT/<slide_id>.geojson`` (Point
 detections at level-0 x, y, ``classification.name`` = the reviewed label, written with
-:func:`cellclf.annotations.geojson.write_points`, which :func:`cellclf.annotations.geojson.read_points`
-and the training
+:func:`~cellclf.annotations.geojson.write_points`, which :func:`~.read_points` and the training
 code read back as annotations) + ``OUT/export.json`` (what was written and what was left out).
 
 Cells whose review is not finished (pending, or reviewers disagree) and cells labelled "can't

@@ -55,22 +55,27 @@ class StoreQueries:
         with self._tx() as c:
             return [self._item(r, r.my_label) for r in c.execute(q)]
 
-    def progress(self, slide_id: str | None = None) -> dict[str, int]:
-        """``{total, done, pending, claimed}`` for one slide or the whole store.
+    def progress(self, slide_id: str | None = None,
+                 predicted: str | None = None) -> dict[str, int]:
+        """``{total, done, pending, claimed}`` for one slide or the whole store, optionally only
+        the cells predicted as ``predicted`` (the reviewer's filter).
 
         Three index range counts rather than one scan, so it stays cheap with 10⁵ queued cells.
         """
         it = S.items
         scope = [it.c.slide_id == slide_id] if slide_id is not None else []
+        if predicted is not None:
+            scope.append(it.c.predicted == predicted)
         count = sa.select(sa.func.count()).select_from(it)
         # Held cells are few: read them through the claimed_by index (`> ''` is a range SQLite
         # can use; `needs_review + 0` keeps the planner off the much larger queue index).
-        held = sa.select(it.c.slide_id).where(it.c.claimed_by > "", (it.c.needs_review + 0) == 1,
-                                              it.c.lease_until >= self.clock())
+        held = sa.select(it.c.slide_id, it.c.predicted).where(
+            it.c.claimed_by > "", (it.c.needs_review + 0) == 1, it.c.lease_until >= self.clock())
         with self._tx() as c:
             total = c.execute(count.where(*scope)).scalar_one()
             done = c.execute(count.where(*scope, it.c.needs_review == 0)).scalar_one()
-            claimed = sum(slide_id is None or s == slide_id for s in c.execute(held).scalars())
+            claimed = sum((slide_id is None or s == slide_id) and (predicted is None or p == predicted)
+                          for s, p in c.execute(held).all())
         return {"total": int(total), "done": int(done), "pending": int(total) - int(done),
                 "claimed": int(claimed)}
 

@@ -57,8 +57,10 @@ class ReviewStore(StoreQueries):
         self.dialect = self.engine.dialect.name
         try:
             S.migrate(self.engine)
-        except sa.exc.OperationalError as exc:
-            raise ReviewStoreError(f"cannot open review store {url}: {exc.orig}") from exc
+        except sa.exc.DatabaseError as exc:  # locked, unreachable, or not a database at all
+            raise ReviewStoreError(f"cannot open review store {url}: {exc.orig}; give the path of "
+                                   "a review store (cellclf infer writes OUT/review.sqlite) or "
+                                   "create one with `cellclf review init`") from exc
         with self._tx(write=True) as c:
             if self.dialect == "postgresql":  # serialise first-time set-up across processes
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(74110223)"))

@@ -1,8 +1,8 @@
 """Tile windows decoded on the device: the ``read`` stage of the device pipeline, when it pays.
 
 Where it sits: in place of the :class:`~cellclf.wsi.tile_reader.TileReader` threads, in front of
-:class:`~cellclf.pipeline.device_stage.DeviceStage`. For a batch of tiles, the host only ``pread``s the
-raw JPEG
+:class:`~cellclf.pipeline.device_stage.DeviceStage`.
+For a batch of tiles, the host only ``pread``s the raw JPEG
 tiles of the file (the fast path's :mod:`cellclf.wsi.jpeg_tiles` layout); ``torchvision.io.decode_jpeg``
 decodes them all in one batched call on the device (nvJPEG on CUDA), the windows are assembled on the
 device, and the downsample to the working mpp runs there too. Pixels never cross PCIe as pixels.
