@@ -20,10 +20,10 @@ from cellclf.gate.audit_bound import (
     audit_state,
     blind_mask,
 )
+from cellclf.model.config import DEFAULT_CLASSES
 from cellclf.review.app import ServerThread, create_app
 from cellclf.review.auth import add_user
 from cellclf.review.store import ReviewItem, ReviewStore
-from cellclf.review.types import DEFAULT_CLASSES
 
 ALPHA = 0.01
 
