@@ -295,6 +295,7 @@ def test_refit_from_audit_only_raises_thresholds():
     assert r["thresholds"]["eosinophil"] is None and "go to review" in r["notes"]["eosinophil"]
 
 
+@pytest.mark.slow
 def test_calibrate_from_review_writes_raised_thresholds(random_bundle, tmp_path):
     import shutil
 
