@@ -143,6 +143,7 @@ def _snapshot(out: Path) -> dict:
     return snap
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_results(tiny_slide, tiny_svs, shipped_model, tmp_path):
     """SIGKILL mid-review-insert, before results, before the manifest row: the final outputs and
     the review store equal an uninterrupted run (no lost or duplicated cells)."""

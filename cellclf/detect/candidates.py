@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclf.annotations.geojson import read_points, write_points
+from cellclf.detect.matching import detection_metrics
 from cellclf.detect.slide_detection import detect_slide
+from cellclf.outputs.atomic import atomic_write_json
+from cellclf.wsi.slide import Slide
 
 
 def detect_to_geojson(
@@ -34,11 +38,6 @@ def detect_to_geojson(
     ``match_um`` µm and the metrics (recall per truth class, precision, duplicate rate) are
     written to ``metrics_json`` (default: ``<out stem>.metrics.json`` beside ``out``) and returned.
     """
-    from cellclf.annotations.geojson import read_points, write_points
-    from cellclf.detect.matching import detection_metrics
-    from cellclf.outputs.atomic import atomic_write_json
-    from cellclf.wsi.slide import Slide
-
     out = Path(out)
     truth_pts = read_points(truth) if truth is not None else None  # fail early on bad truth
     with Slide(path, mpp=mpp) as slide:

@@ -106,9 +106,3 @@ class TorchDetector:
                 out[i] = postprocess(sm_np[j], ridge_np[j], body_np[j], rc, f, mpp,
                                      self.params)
         return out
-
-
-def detect_cells_torch(tile_rgb: np.ndarray, mpp: float, params: DetectParams | None = None,
-                       device: str | None = None) -> np.ndarray:
-    """One-tile convenience wrapper with the signature of ``detect.detect_cells``."""
-    return TorchDetector(params, device).detect([tile_rgb], mpp)[0]

@@ -109,6 +109,7 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
         ood=ood, timings_s=timings,
         extra={"n_tiles": len(tiles), **stage.info, "stain": stain.to_dict()},
+        other_class=card.other_class,
         audit_rate=params.audit_rate if on_review is not None else 0.0)
 
 
