@@ -15,20 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellclf.annotations.geojson import class_color
 from cellclf.gate.slide_guard import OOD_ACTION
 from cellclf.outputs.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from cellclf.outputs.slide_result import SlideResult
 
-TARGET_ORDER = ("eosinophil", "neutrophil", "mast_cell")
-
-
 def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 1600) -> None:
-    """Thumbnail with a translucent eosinophil-density map, coloured cell dots and the hotspot HPF."""
+    """Thumbnail with a translucent density map of the first target class (the card's order),
+    coloured dots of the target classes and that class's hotspot HPF."""
     from PIL import Image, ImageDraw, ImageFilter
-
-    from cellclf.annotations.geojson import class_color
 
     thumb = Image.fromarray(np.ascontiguousarray(result.thumbnail)).convert("RGB")
     ds = float(result.thumb_downsample)
@@ -38,8 +35,8 @@ def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 
                              Image.Resampling.LANCZOS)
         ds = ds / scale
     pred = result.pred
-    # density of the first target class present (eosinophils by default), blurred at ~1/2 HPF
-    dens_cls = next((c for c in TARGET_ORDER if c in result.classes), result.classes[0])
+    # density of the first target class, blurred at ~1/2 HPF
+    dens_cls = (result.target_classes or result.classes)[0]
     k = result.classes.index(dens_cls)
     pts = result.xy0[pred == k] / ds
     w, h = thumb.size
@@ -77,6 +74,32 @@ def _fmt(v: Any, nd: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:,.{nd}f}"
     return html.escape(str(v))
+
+
+def _hpf_text(hpf: dict) -> str:
+    return "–" if hpf.get("x") is None else f"({hpf['x']:.0f}, {hpf['y']:.0f})"
+
+
+def clinical_call_html(summary: dict) -> str:
+    """The clinical call table (the first thing a pathologist sees) and the audit line."""
+    e = html.escape
+    calls = summary.get("clinical_call") or []
+    colour = {"met": "#c33", "not met": "#282", "needs review": "#c80"}
+    rows = "".join(
+        f"<tr><td>{e(c['name'])}</td><td style='color:{colour.get(c['status'], '#222')}'>"
+        f"<b>{e(c['status'])}</b></td><td>{e(c['class'])} ≥ {c['threshold']}</td>"
+        f"<td>{c['interval'][0]}–{c['interval'][1]}</td>"
+        f"<td>{_hpf_text(c['hpf'])}</td><td class=muted>{e(c['reason'])}</td></tr>" for c in calls)
+    table = (f"<table><tr><th>rule</th><th>call</th><th>criterion (per HPF)</th>"
+             f"<th>peak count interval</th><th>HPF centre (level-0 px)</th><th>reason</th></tr>"
+             f"{rows}</table>" if calls else "<p>No clinical rules apply to this model.</p>")
+    audit = summary.get("audit") or {}
+    audit_html = (f"<p class=muted>Running audit: {audit.get('n_audited', 0)} auto-accepted "
+                  f"cells ({100 * audit.get('rate', 0):g} %) queued for blind review; "
+                  "<code>cellclf audit</code> reports the bound on the accepted error.</p>"
+                  if audit else "")
+    return (f"<h2>Clinical call</h2>{table}<p class=muted>The call is <i>met</i> or <i>not "
+            f"met</i> only when no pending review cell could change it.</p>{audit_html}")
 
 
 def render_report_html(summary: dict) -> str:
@@ -131,6 +154,7 @@ img{{max-width:100%;border:1px solid #ccc}}.muted{{color:#666;font-size:90%}}</s
 <h1>Slide {e(summary['slide_id'])}</h1>
 <p class=muted>{e(str(sl['path']))} · {sl['width']}×{sl['height']} px · {sl['mpp']:.3f} µm/px ·
 tissue {summary['tissue_area_mm2']:.2f} mm² · {summary['n_cells']:,} cells</p>
+{clinical_call_html(summary)}
 {ood_html}{status}
 <h2>Counts</h2>
 <table><tr><th>class</th><th>auto-accepted</th><th>to review</th><th>total (predicted)</th>
@@ -186,8 +210,6 @@ def timings_table(timings: dict[str, float]) -> str:
 
 def legend_html(classes: list[str]) -> str:
     """Inline colour swatches of the classes drawn on the overlay."""
-    from cellclf.annotations.geojson import class_color
-
     return ", ".join(f"<span style='color:rgb{class_color(c)}'>&#9679;</span> {html.escape(c)}"
                      for c in classes)
 

@@ -167,7 +167,8 @@ class ReviewWriter:
 def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray,
                  probs: np.ndarray, reason: np.ndarray, conformal: np.ndarray, crops: np.ndarray,
                  ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
-                 encode: Encode = _encode_here) -> list[ReviewItem]:
+                 encode: Encode = _encode_here, audit: np.ndarray | None = None,
+                 blind: np.ndarray | None = None, site: str | None = None) -> list[ReviewItem]:
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
     ``encode(png_bytes, images)`` maps an encoder (over a thread pool in ``run_slide``)."""
     pred = probs.argmax(axis=1)
@@ -177,5 +178,6 @@ def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarra
         slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
         predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
         conformal_set=[c for k, c in enumerate(classes) if conformal[i, k]], reason=str(reason[i]),
-        priority=float(priority[i]), crop_png=crop_png[i], context_png=ctx_jpeg[i],
-        slide_path=slide_path) for i in range(len(ids))]
+        priority=float(priority[i]), crop_png=crop_png[i], context_image=ctx_jpeg[i],
+        slide_path=slide_path, audit=bool(audit is not None and audit[i]),
+        blind=bool(blind is not None and blind[i]), site=site) for i in range(len(ids))]

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.annotations.geojson import write_points
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.review.store import CANT_TELL, FinalLabel, ReviewStore, ReviewStoreError, open_store
 
@@ -46,8 +47,6 @@ def export_labels(store: ReviewStore | str, out_dir: str | Path,
 
     Tally per slide: ``{file, written, labelled, cant_tell, pending, disputed}``.
     """
-    from cellclf.annotations.geojson import write_points
-
     st = open_store(store)
     out = Path(out_dir)
     try:
@@ -63,7 +62,7 @@ def export_labels(store: ReviewStore | str, out_dir: str | Path,
                 f"slides {used[stem]!r} and {slide_id!r} map to the same export file "
                 f"{stem}.geojson; rename one slide id in the store")
         used[stem] = slide_id
-        finals = st.final_labels(slide_id)
+        finals = st.final_labels(slide_id, include_audit=True)  # audit cells are labelled too
         points = []
         t = {"file": f"{stem}.geojson", "written": 0, "labelled": 0, "cant_tell": 0,
              "pending": 0, "disputed": 0}

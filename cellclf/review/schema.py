@@ -16,6 +16,11 @@ Version history:
    whose current label is set, back-filled from the audit) and ``items.needs_review`` (1 while
    the cell needs more labels), ``labels.action`` / ``labels.undoes`` (undo is itself an audit
    row) and the indexes the queue (priority order per filter) and the audit lookups need.
+3. running audit and blind review: ``items.audit`` (1: an auto-accepted cell sampled by
+   ``cellclf infer --audit-rate``; it looks like any other item to the reviewer), ``items.blind``
+   (1: the model's answer is hidden until the reviewer has answered), ``items.site`` (site or
+   scanner tag for ``cellclf audit``) and ``labels.blind`` (1: this label was given without
+   seeing the model's answer, 0: after seeing it, NULL: undo rows and labels from before v3).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cellclf.errors import CellclfError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ReviewStoreError(CellclfError):
@@ -64,6 +69,9 @@ items = sa.Table(
     sa.Column("lease_until", sa.Float, nullable=True),     # epoch seconds
     sa.Column("n_labels", sa.Integer, nullable=False, server_default="0"),
     sa.Column("needs_review", sa.Integer, nullable=False, server_default="1"),  # 1: in the queue
+    sa.Column("audit", sa.Integer, nullable=False, server_default="0"),  # 1: audit sample
+    sa.Column("blind", sa.Integer, nullable=False, server_default="0"),  # 1: model hidden first
+    sa.Column("site", sa.String(128), nullable=True),                    # site / scanner tag
     sa.UniqueConstraint("slide_id", "cell_id", name="uq_items_slide_cell"),
 )
 images = sa.Table(
@@ -83,6 +91,7 @@ labels = sa.Table(
     sa.Column("previous_label", sa.String(64), nullable=True),
     sa.Column("action", sa.String(16), nullable=False, server_default="label"),  # label | undo
     sa.Column("undoes", sa.Integer, nullable=True),         # audit id this undo row reverts
+    sa.Column("blind", sa.Integer, nullable=True),          # 1: given without seeing the model
 )
 users = sa.Table(
     "users", metadata,
@@ -231,9 +240,19 @@ def _v2(conn: Connection) -> None:
                      .values(n_labels=n, needs_review=0))  # version 1 had single review only
 
 
+def _v3(conn: Connection) -> None:
+    """Running audit and blind review: items.audit, items.blind, items.site, labels.blind."""
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN audit INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN blind INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN site VARCHAR(128)")
+    conn.exec_driver_sql("ALTER TABLE labels ADD COLUMN blind INTEGER")
+    conn.exec_driver_sql("CREATE INDEX ix_items_audit ON items (audit, predicted)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "queue, images, append-only label audit", _v1),
     (2, "accounts, sessions, double review, queue indexes", _v2),
+    (3, "running audit, blind review, site tag", _v3),
 ]
 
 

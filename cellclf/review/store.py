@@ -25,23 +25,26 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cellclf.model.config import DEFAULT_CLASSES  # a new store's classes when none are given
 from cellclf.review import schema as S
 from cellclf.review.queries import StoreQueries
 from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
-    DEFAULT_CLASSES,
-    PNG_SIGNATURE,
+    MODES,
+    NOT_A_CELL,
     REASONS,
     FinalLabel,
     Item,
     LeaseError,
     ReviewItem,
+    check_class_list,
+    check_item,
     consensus,
-    image_media_type,
+    labels_for,
 )
 
-__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "REASONS", "FinalLabel", "Item", "LeaseError",
+__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "NOT_A_CELL", "REASONS", "FinalLabel", "Item", "LeaseError",
            "ReviewItem", "ReviewStore", "ReviewStoreError", "consensus", "open_store"]
 
 
@@ -67,7 +70,7 @@ class ReviewStore(StoreQueries):
             stored = dict(c.execute(sa.select(S.meta.c.key, S.meta.c.value)).all())
             if "classes" not in stored:
                 cls = list(classes or DEFAULT_CLASSES)
-                self._check_classes(cls)
+                check_class_list(cls)
                 c.execute(sa.insert(S.meta).values(key="classes", value=json.dumps(cls)))
                 stored["classes"] = json.dumps(cls)
             if required_reviews is not None:
@@ -83,7 +86,8 @@ class ReviewStore(StoreQueries):
                 f"review store {url} holds classes {self.classes}, not {list(classes)}; use a new "
                 "store for a model with other classes")
         self.required_reviews = int(stored.get("required_reviews", "1"))
-        self.labels: list[str] = [*self.classes, CANT_TELL]
+        self.mode: str = stored.get("mode", "review")
+        self.labels: list[str] = labels_for(self.classes, self.mode)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -101,11 +105,15 @@ class ReviewStore(StoreQueries):
         else:
             c.execute(sa.insert(S.meta).values(key=key, value=value))
 
-    @staticmethod
-    def _check_classes(cls: list[str]) -> None:
-        if not cls or len(set(cls)) != len(cls) or CANT_TELL in cls:
-            raise ReviewStoreError(f"invalid class list {cls}: names must be unique, non-empty "
-                                   f"and not {CANT_TELL!r}")
+    def set_mode(self, mode: str) -> None:
+        """``review`` (gated cells of inference) or ``labelling`` (``cellclf label`` projects:
+        cells chosen for labelling, with the extra label ``not_a_cell``)."""
+        if mode not in MODES:
+            raise ReviewStoreError(f"unknown review store mode {mode!r}: use one of {MODES}")
+        with self._tx(write=True) as c:
+            self._set_meta(c, "mode", mode)
+        self.mode = mode
+        self.labels = labels_for(self.classes, mode)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -119,7 +127,7 @@ class ReviewStore(StoreQueries):
         cls = list(classes)
         if cls == self.classes:
             return
-        self._check_classes(cls)
+        check_class_list(cls)
         with self._tx(write=True) as c:
             if c.execute(sa.select(S.items.c.id).limit(1)).first() is not None:
                 raise ReviewStoreError(
@@ -127,30 +135,12 @@ class ReviewStore(StoreQueries):
                     f"use a new store for classes {cls}")
             self._set_meta(c, "classes", json.dumps(cls))
         self.classes = cls
-        self.labels = [*cls, CANT_TELL]
+        self.labels = labels_for(cls, self.mode)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ------------------------------------------------------------------ filling
-
-    def _validate(self, it: ReviewItem) -> None:
-        where = f"review item (slide {it.slide_id!r}, cell {it.cell_id})"
-        if not it.slide_id:
-            raise ReviewStoreError(f"{where}: slide_id is empty")
-        if it.predicted not in self.classes:
-            raise ReviewStoreError(f"{where}: predicted {it.predicted!r} is not one of the "
-                                   f"store's classes {self.classes}")
-        if it.reason not in REASONS:
-            raise ReviewStoreError(f"{where}: reason {it.reason!r} is not one of {REASONS}")
-        unknown = (set(it.probs) | set(it.conformal_set)) - set(self.classes)
-        if unknown:
-            raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
-                                   "conformal_set")
-        if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
-            raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
-        if it.context_png and image_media_type(it.context_png) is None:
-            raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG/JPEG image")
 
     def add_items(self, items: Iterable[ReviewItem], batch: int = 1000) -> int:
         """Queue cells; one transaction per ``batch``; already queued cells are skipped.
@@ -160,7 +150,7 @@ class ReviewStore(StoreQueries):
         added = 0
         chunk: list[ReviewItem] = []
         for it in items:
-            self._validate(it)
+            check_item(it, self.classes)
             chunk.append(it)
             if len(chunk) >= batch:
                 added += self._add_chunk(chunk)
@@ -177,10 +167,11 @@ class ReviewStore(StoreQueries):
                                                                it.probs.items()}),
                      conformal_set=json.dumps(list(it.conformal_set)), reason=it.reason,
                      priority=float(it.priority), slide_path=it.slide_path, created_at=now,
-                     n_labels=0, needs_review=1)
+                     n_labels=0, needs_review=1, audit=int(it.audit),
+                     blind=int(it.blind or it.audit), site=it.site)
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
-                     context_png=bytes(it.context_png)) for it in unique.values()]
+                     context_png=bytes(it.context_image)) for it in unique.values()]
         with self._tx(write=True) as c:
             added = c.execute(self._insert(S.items).on_conflict_do_nothing(
                 index_elements=["slide_id", "cell_id"]).returning(S.items.c.id), rows).all()
@@ -195,7 +186,8 @@ class ReviewStore(StoreQueries):
                     predicted=row.predicted, probs=json.loads(row.probs),
                     conformal_set=json.loads(row.conformal_set), reason=row.reason,
                     priority=row.priority, slide_path=row.slide_path, claimed_by=row.claimed_by,
-                    lease_until=row.lease_until, n_labels=row.n_labels, label=label)
+                    lease_until=row.lease_until, n_labels=row.n_labels, label=label,
+                    blind=bool(getattr(row, "blind", 0)))
 
     def get(self, item_id: int, reviewer: str | None = None) -> Item | None:
         """One item by id (with ``reviewer``'s current label), or None."""
@@ -309,11 +301,19 @@ class ReviewStore(StoreQueries):
             raise ReviewStoreError(f"review item {item_id} does not exist")
         return row
 
-    def label(self, reviewer: str, item_id: int, label: str, lease_s: float = 0) -> int:
+    _any_label_q = (sa.select(S.labels.c.id)
+                    .where(S.labels.c.item_id == sa.bindparam("item_id"),
+                           S.labels.c.reviewer == sa.bindparam("reviewer")).limit(1))
+
+    def label(self, reviewer: str, item_id: int, label: str, lease_s: float = 0,
+              blind_all: bool = False) -> int:
         """Record ``reviewer``'s label for a cell (append-only); returns the audit row id.
 
         Allowed when the reviewer holds the cell's lease, or corrects their own earlier label of a
-        cell nobody else holds. Releases the lease (or renews it for ``lease_s`` > 0).
+        cell nobody else holds. Releases the lease (or renews it for ``lease_s`` > 0). The row's
+        ``blind`` says whether the reviewer answered without having seen the model's answer: the
+        cell is blind (or the app hides the model for all cells, ``blind_all``) and this is the
+        reviewer's first answer on it (the answer is revealed after it).
         """
         if label not in self.labels:
             raise ReviewStoreError(f"label {label!r} is not one of {self.labels}")
@@ -331,9 +331,12 @@ class ReviewStore(StoreQueries):
             if previous is None and row.n_labels >= self.required_reviews:
                 raise LeaseError(f"cell {item_id} already has its {self.required_reviews} "
                                  "label(s); claim another cell")
+            first = c.execute(self._any_label_q, {"item_id": item_id,
+                                                  "reviewer": reviewer}).first() is None
             res = c.execute(self._insert_label, dict(
                 item_id=item_id, reviewer=reviewer, at=now, label=label,
-                previous_label=previous, action="label", undoes=None))
+                previous_label=previous, action="label", undoes=None,
+                blind=int(bool(row.blind or blind_all) and first)))
             n = row.n_labels + (1 if previous is None else 0)
             keep = lease_s > 0
             c.execute(self._update_item, dict(

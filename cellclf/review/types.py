@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 
 from cellclf.review.schema import ReviewStoreError
 
-DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
 CANT_TELL = "cant_tell"
-REASONS = ("low_confidence", "uncertified_class", "ood_slide")
+NOT_A_CELL = "not_a_cell"  # a label of labelling mode only (a detector candidate that is no cell)
+TO_LABEL = "to_label"  # reason of a cell `cellclf label` chose to label (its label trains)
+HELD_ASIDE = "held_aside"  # reason of a cell `cellclf label` drew at random (never trains)
+REASONS = ("low_confidence", "uncertified_class", "ood_slide", TO_LABEL, HELD_ASIDE)
+MODES = ("review", "labelling")  # labelling: `cellclf label` projects (adds the not-a-cell label)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
@@ -36,7 +39,7 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
+    ``context_image`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
     (batch inference stores JPEG: a 160² context as PNG weighs ~40 KB, as JPEG q90 ~8 KB, and the
     slide's own tiles are JPEG already); ``crop_png`` is the model's input crop, lossless PNG.
     ``(slide_id, cell_id)`` identifies the cell; adding it again is a
@@ -53,8 +56,11 @@ class ReviewItem:
     reason: str
     priority: float
     crop_png: bytes
-    context_png: bytes
+    context_image: bytes  # PNG or JPEG (stored in the images table's context_png column)
     slide_path: str | None = None
+    audit: bool = False  # an auto-accepted cell sampled for the running audit (reviewer not told)
+    blind: bool = False  # the UI hides the model's answer until the reviewer has answered
+    site: str | None = None  # site / scanner tag for `cellclf audit`
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Item:
     lease_until: float | None
     n_labels: int
     label: str | None = None  # the asking reviewer's current label, when known
+    blind: bool = False  # hide the model's answer until this reviewer has answered
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
@@ -107,3 +114,36 @@ def consensus(votes: Sequence[str], required: int) -> tuple[str | None, str]:
     if len(set(votes)) == 1:
         return votes[0], "done"
     return None, "disputed"
+
+
+def check_class_list(classes: list[str]) -> None:
+    """ReviewStoreError unless the names are unique, non-empty and not a reserved label."""
+    if not classes or len(set(classes)) != len(classes) or {CANT_TELL, NOT_A_CELL} & set(classes):
+        raise ReviewStoreError(f"invalid class list {classes}: names must be unique, non-empty "
+                               f"and not {CANT_TELL!r} or {NOT_A_CELL!r}")
+
+
+def labels_for(classes: list[str], mode: str) -> list[str]:
+    """The labels a reviewer may give: the classes, can't tell, and in labelling mode also
+    not a cell."""
+    return [*classes, CANT_TELL] + ([NOT_A_CELL] if mode == "labelling" else [])
+
+
+def check_item(it: ReviewItem, classes: list[str]) -> None:
+    """ReviewStoreError naming the cell unless ``it`` fits a store of ``classes``."""
+    where = f"review item (slide {it.slide_id!r}, cell {it.cell_id})"
+    if not it.slide_id:
+        raise ReviewStoreError(f"{where}: slide_id is empty")
+    if it.predicted not in classes:
+        raise ReviewStoreError(f"{where}: predicted {it.predicted!r} is not one of the "
+                               f"store's classes {classes}")
+    if it.reason not in REASONS:
+        raise ReviewStoreError(f"{where}: reason {it.reason!r} is not one of {REASONS}")
+    unknown = (set(it.probs) | set(it.conformal_set)) - set(classes)
+    if unknown:
+        raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
+                               "conformal_set")
+    if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
+        raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
+    if it.context_image and image_media_type(it.context_image) is None:
+        raise ReviewStoreError(f"{where}: context_image is neither empty nor a PNG/JPEG image")
