@@ -180,3 +180,33 @@ def test_fit_with_init_adopts_the_network_and_starts_a_new_head(tmp_path: Path) 
     assert set(init["not_copied"]) == {"backbone.classifier.3.weight", "backbone.classifier.3.bias"}
     assert card.architecture["backbone"] == "mobilenet_v3_small"  # the config said resnet18
     assert card.normalization == {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.mark.slow
+def test_cli_calibrate_evaluate_classify_on_crops(tmp_path: Path) -> None:
+    """The three commands through the CLI (an untrained bundle: the wiring, not the accuracy)."""
+    from typer.testing import CliRunner
+
+    from cellclf.card import Card
+    from cellclf.cli import app
+
+    torch.manual_seed(0)
+    model = CellClassifier("mobilenet_v3_small", 4, [0.5] * 3, [0.25] * 3).eval()
+    save_bundle(model, Card(name="u", classes=("eosinophil", "neutrophil", "mast_cell", "other"),
+                            crop_px=32, mpp=1.0), tmp_path / "b")
+    cal = crop_folder(tmp_path / "cal", 12, seed=2)
+    run = CliRunner().invoke
+    res = run(app, ["calibrate", str(tmp_path / "b"), "-d", str(cal), "--mpp", "0.5", "--beta",
+                    "0"])
+    assert res.exit_code == 0, res.output
+    assert "gate unit: cells" in res.output and "no class could be certified" in res.output
+    res = run(app, ["evaluate", str(tmp_path / "b"), "-d", str(cal), "--mpp", "0.5", "-o",
+                    str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    res = run(app, ["classify", str(cal), "--model", str(tmp_path / "b"), "--mpp", "0.5", "-o",
+                    str(tmp_path / "cl")])
+    assert res.exit_code == 0, res.output
+    assert "48 images" in res.output and (tmp_path / "cl" / "classified.csv").is_file()
+    res = run(app, ["evaluate", str(tmp_path / "b"), "-d", str(cal), "-o", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "pass --mpp" in str(res.exception)

@@ -121,12 +121,16 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         for c, note in notes.items():
             console.print(f"{c}: {note}", soft_wrap=True, markup=False)
-        sg = s["gate_slides"]
-        console.print(f"calibration slides ({sg['n_slides']}): {', '.join(sg['slides'])}",
-                      soft_wrap=True, markup=False)
-        console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True,
-                      markup=False)
-        if not sg["established"]:
+        sg = s.get("gate_slides")
+        if sg is None:  # a crop folder: every image is one calibration cell
+            console.print("gate unit: cells (each calibration image is one cell; the guarantee "
+                          "holds for cells exchangeable with them)", soft_wrap=True, markup=False)
+        else:
+            console.print(f"calibration slides ({sg['n_slides']}): {', '.join(sg['slides'])}",
+                          soft_wrap=True, markup=False)
+            console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True,
+                          markup=False)
+        if sg is not None and not sg["established"]:
             for c, n_need in sg["slides_needed_at_half_alpha"].items():
                 console.print(f"  {c}: slide-level needs ≥ {sg['min_slides'][c]} slides with no "
                               f"errors, ≈ {n_need} when its accepted error runs at α/2",
@@ -134,7 +138,7 @@ def register(app: typer.Typer) -> None:
         if all(t is None for t in gate["thresholds"].values()):
             console.print(f"[yellow]warning:[/] no class could be certified with "
                           f"{s['n_cells']} calibration cells: every cell will go to review. Add "
-                          "calibration slides with more labelled cells of each class.",
+                          "calibration data with more labelled cells of each class.",
                           soft_wrap=True)
         console.print(f"written to {bundle / 'card.json'}; the previous card is kept as "
                       f"{bundle / PREVIOUS_CARD} (to go back: copy it over card.json, then run "
