@@ -223,7 +223,7 @@ def test_upgrade_from_schema_version_1(url):
     engine.dispose()
     st = ReviewStore(url)  # upgrades to the current version
     with st.engine.connect() as c:
-        assert S.current_version(c) == S.SCHEMA_VERSION == 2
+        assert S.current_version(c) == S.SCHEMA_VERSION == 3
     assert st.progress("old") == {"total": 3, "done": 1, "pending": 2, "claimed": 0}
     assert {f.cell_id: f.label for f in st.final_labels("old")} == {0: None, 1: None,
                                                                    2: "eosinophil"}

@@ -164,18 +164,37 @@ class ReviewWriter:
         self.close(wait=exc_type is None)
 
 
+REVIEW_CROP_JPEG_QUALITY = 90     # the model's crop: 64² px, ~2 KB
+REVIEW_CONTEXT_JPEG_QUALITY = 80  # the context view: 160² px, ~5 KB
+
+
+def _crop_jpeg(rgb: np.ndarray) -> bytes:
+    return jpeg_bytes(rgb, REVIEW_CROP_JPEG_QUALITY)
+
+
+def _context_jpeg(rgb: np.ndarray) -> bytes:
+    return jpeg_bytes(rgb, REVIEW_CONTEXT_JPEG_QUALITY)
+
+
 def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray,
                  probs: np.ndarray, reason: np.ndarray, conformal: np.ndarray, crops: np.ndarray,
                  ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
-                 encode: Encode = _encode_here) -> list[ReviewItem]:
+                 encode: Encode = _encode_here, *, image_mpp: float | None = None,
+                 slide_mpp: float | None = None) -> list[ReviewItem]:
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
-    ``encode(png_bytes, images)`` maps an encoder (over a thread pool in ``run_slide``)."""
+    ``encode(encoder, images)`` maps an encoder (over a thread pool in ``run_slide``).
+
+    Crop and context are stored as JPEG (together ≤ 10 KB per cell; the lossless PNG crop alone
+    weighed ~12 KB) at the model's ``image_mpp``; with ``slide_mpp`` (the slide's level-0 µm/px)
+    the review app cuts native-resolution views from ``slide_path`` while the slide is reachable.
+    """
     pred = probs.argmax(axis=1)
-    crop_png = encode(png_bytes, list(crops))
-    ctx_jpeg = encode(jpeg_bytes, list(ctx)) if ctx is not None else [b""] * len(ids)
+    crop_jpeg = encode(_crop_jpeg, list(crops))
+    ctx_jpeg = encode(_context_jpeg, list(ctx)) if ctx is not None else [b""] * len(ids)
     return [ReviewItem(
         slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
         predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
         conformal_set=[c for k, c in enumerate(classes) if conformal[i, k]], reason=str(reason[i]),
-        priority=float(priority[i]), crop_png=crop_png[i], context_png=ctx_jpeg[i],
-        slide_path=slide_path) for i in range(len(ids))]
+        priority=float(priority[i]), crop_png=crop_jpeg[i], context_png=ctx_jpeg[i],
+        slide_path=slide_path, image_mpp=image_mpp, slide_mpp=slide_mpp)
+        for i in range(len(ids))]

@@ -81,7 +81,8 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
                     accept, reason, conformal = gate(batch.probs)
                     if review is not None and (~accept).any():
                         _send_for_review(review, batch, cells.n, accept, reason, conformal,
-                                         slide_id, str(path), gate.classes)
+                                         slide_id, str(path), gate.classes,
+                                         (work_mpp, reader.mpp))
                     cells.add(batch.xy0, batch.probs, accept, reason, conformal)
                 if progress:
                     progress(cells.tiles_done(batch.tiles_done), len(tiles))
@@ -227,11 +228,13 @@ def _review_writer(on_review: Callable[[list[ReviewItem]], None] | None,
 
 def _send_for_review(review: ReviewWriter, batch: CellBatch, first_id: int, accept: np.ndarray,
                      reason: np.ndarray, conformal: np.ndarray, slide_id: str, slide_path: str,
-                     classes: list[str]) -> None:
-    """Queue the gated cells of a batch (cell ids continue from ``first_id``) for review."""
+                     classes: list[str], mpps: tuple[float, float]) -> None:
+    """Queue the gated cells of a batch (cell ids continue from ``first_id``) for review;
+    ``mpps``: (µm/px of the review images, the slide's level-0 µm/px)."""
     rows = np.flatnonzero(~accept)
     crops, ctx = batch.review_images(rows)
     probs = batch.probs[rows]
     args = (slide_id, slide_path, first_id + rows, batch.xy0[rows], probs, reason[rows],
             conformal[rows], crops, ctx, classes, review_priority(probs))
-    review.submit(lambda encode: review_items(*args, encode=encode))
+    review.submit(lambda encode: review_items(*args, encode=encode, image_mpp=mpps[0],
+                                              slide_mpp=mpps[1]))

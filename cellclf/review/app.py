@@ -1,7 +1,10 @@
 """The review web app (FastAPI, server-rendered Jinja2 pages, a little vanilla JS).
 
 Data flow: browser ⇄ this app ⇄ :class:`cellclf.review.store.ReviewStore` (the queue database).
-The app never opens slide files: crops and context images come from the store by item id only.
+Images are requested by item id only: the stored crop and context (JPEG at the model's µm/px), or
+the same views at the slide's native resolution, cut from the slide file whose path inference
+stored with the item (:mod:`cellclf.review.native_view`) while that file is reachable. Each view's
+µm/px goes to the page for its scale bar.
 
 Security: every route except ``/login`` and ``/static`` needs a session (pages redirect to the
 login page, ``/api`` answers 401); the session cookie is HttpOnly, SameSite=Lax and Secure over
@@ -25,6 +28,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
 from cellclf.review import auth
+from cellclf.review.native_view import NativeViews
 from cellclf.review.stats import agreement, reviewer_stats
 from cellclf.review.store import Item, LeaseError, ReviewStore, ReviewStoreError, open_store
 from cellclf.review.types import image_media_type
@@ -57,10 +61,18 @@ class LabelIn(BaseModel):
     predicted: str | None = None
 
 
-def item_json(item: Item | None) -> dict[str, Any] | None:
+def item_json(item: Item | None, native: bool = False) -> dict[str, Any] | None:
+    """An item for the page; ``native``: the slide is reachable, so the views at its level-0
+    resolution are offered (``native_*_url`` at ``native_mpp`` µm/px), with the stored images
+    (``*_url`` at ``image_mpp``) as the fallback."""
     if item is None:
         return None
-    return {"id": item.id, "slide_id": item.slide_id, "cell_id": item.cell_id,
+    views: dict[str, Any] = {"image_mpp": item.image_mpp, "native_mpp": None}
+    if native:
+        views.update(native_mpp=item.slide_mpp,
+                     native_crop_url=f"/api/items/{item.id}/crop/native.jpg",
+                     native_context_url=f"/api/items/{item.id}/context/native.jpg")
+    return {**views, "id": item.id, "slide_id": item.slide_id, "cell_id": item.cell_id,
             "x": round(item.x, 1), "y": round(item.y, 1), "predicted": item.predicted,
             "top": [[c, round(p, 4)] for c, p in item.top(3)],
             "conformal_set": item.conformal_set, "reason": item.reason,
@@ -87,6 +99,10 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     templates = Jinja2Templates(env=env)
     app = FastAPI(title="cellclf review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = st
+    natives = app.state.native_views = NativeViews()
+
+    def as_json(item: Item | None) -> dict[str, Any] | None:
+        return item_json(item, native=item is not None and natives.available(item))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def secure(request: Request) -> bool:
@@ -219,14 +235,14 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     def api_claim(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
         item = st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s,
                         exclude=body.exclude)
-        return {"item": item_json(item), "progress": progress(body.slide, body.predicted)}
+        return {"item": as_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/label")
     def api_label(item_id: int, body: LabelIn, s: auth.Session = Depends(csrf)) -> dict:
         audit_id = st.label(s.user, item_id, body.label)
         nxt = (st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s)
                if body.next else None)
-        return {"audit_id": audit_id, "item": item_json(nxt),
+        return {"audit_id": audit_id, "item": as_json(nxt),
                 "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/release")
@@ -236,18 +252,18 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     @app.post("/api/undo")
     def api_undo(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
         item = st.undo(s.user, lease_s=lease_s)
-        return {"item": item_json(item), "progress": progress(body.slide, body.predicted)}
+        return {"item": as_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.get("/api/history")
     def api_history(limit: int = 50, s: auth.Session = Depends(session)) -> dict:
-        return {"items": [item_json(i) for i in st.history(s.user, min(max(limit, 1), 500))]}
+        return {"items": [as_json(i) for i in st.history(s.user, min(max(limit, 1), 500))]}
 
     @app.get("/api/items/{item_id}")
     def api_item(item_id: int, s: auth.Session = Depends(session)) -> dict:
         item = st.get(item_id, s.user)
         if item is None:
             raise HTTPException(404, "no such item")
-        return {"item": item_json(item)}
+        return {"item": as_json(item)}
 
     @app.get("/api/items/{item_id}/{kind}.png")
     def api_image(item_id: int, kind: str, s: auth.Session = Depends(session)) -> Response:
@@ -257,6 +273,21 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         if data is None:
             raise HTTPException(404, "no such item")
         return Response(data, media_type=image_media_type(data) or "application/octet-stream",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/items/{item_id}/{kind}/native.jpg")
+    def api_native_image(item_id: int, kind: str, s: auth.Session = Depends(session)) -> Response:
+        """The stored view's field at the slide's native resolution, cut from the slide."""
+        if kind not in ("crop", "context"):
+            raise HTTPException(404, "no such image")
+        item, stored = st.get(item_id), st.image(item_id, kind)
+        if item is None or stored is None:
+            raise HTTPException(404, "no such item")
+        data = natives.view_jpeg(item, stored)
+        if data is None:
+            raise HTTPException(404, "the slide is not reachable from the review server; the "
+                                     "stored image is shown instead")
+        return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
 
     return app

@@ -16,6 +16,9 @@ Version history:
    whose current label is set, back-filled from the audit) and ``items.needs_review`` (1 while
    the cell needs more labels), ``labels.action`` / ``labels.undoes`` (undo is itself an audit
    row) and the indexes the queue (priority order per filter) and the audit lookups need.
+3. native-resolution review: ``items.image_mpp`` (µm per pixel of the stored crop and context
+   images) and ``items.slide_mpp`` (the slide's level-0 µm per pixel as inference read it, so the
+   app can cut native-resolution views from the slide); NULL for cells queued before version 3.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cellclf.errors import CellclfError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ReviewStoreError(CellclfError):
@@ -64,6 +67,8 @@ items = sa.Table(
     sa.Column("lease_until", sa.Float, nullable=True),     # epoch seconds
     sa.Column("n_labels", sa.Integer, nullable=False, server_default="0"),
     sa.Column("needs_review", sa.Integer, nullable=False, server_default="1"),  # 1: in the queue
+    sa.Column("image_mpp", sa.Float, nullable=True),       # µm/px of the stored images
+    sa.Column("slide_mpp", sa.Float, nullable=True),       # the slide's level-0 µm/px
     sa.UniqueConstraint("slide_id", "cell_id", name="uq_items_slide_cell"),
 )
 images = sa.Table(
@@ -231,9 +236,16 @@ def _v2(conn: Connection) -> None:
                      .values(n_labels=n, needs_review=0))  # version 1 had single review only
 
 
+def _v3(conn: Connection) -> None:
+    """The pixel sizes the app needs for scale bars and native-resolution views."""
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN image_mpp FLOAT")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN slide_mpp FLOAT")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "queue, images, append-only label audit", _v1),
     (2, "accounts, sessions, double review, queue indexes", _v2),
+    (3, "pixel sizes of the review images and of the slide", _v3),
 ]
 
 

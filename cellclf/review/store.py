@@ -17,6 +17,7 @@ One API over SQLite (default; WAL, busy timeout, ``BEGIN IMMEDIATE`` claims) and
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,6 @@ from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
     DEFAULT_CLASSES,
-    PNG_SIGNATURE,
     REASONS,
     FinalLabel,
     Item,
@@ -147,8 +147,13 @@ class ReviewStore(StoreQueries):
         if unknown:
             raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
                                    "conformal_set")
-        if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
-            raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
+        if image_media_type(it.crop_png) is None:
+            raise ReviewStoreError(f"{where}: crop_png is not a PNG or JPEG image")
+        for name in ("image_mpp", "slide_mpp"):
+            value = getattr(it, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ReviewStoreError(f"{where}: {name} must be a positive number of µm per "
+                                       f"pixel or None, got {value!r}")
         if it.context_png and image_media_type(it.context_png) is None:
             raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG/JPEG image")
 
@@ -177,7 +182,8 @@ class ReviewStore(StoreQueries):
                                                                it.probs.items()}),
                      conformal_set=json.dumps(list(it.conformal_set)), reason=it.reason,
                      priority=float(it.priority), slide_path=it.slide_path, created_at=now,
-                     n_labels=0, needs_review=1)
+                     n_labels=0, needs_review=1, image_mpp=_float_or_none(it.image_mpp),
+                     slide_mpp=_float_or_none(it.slide_mpp))
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
                      context_png=bytes(it.context_png)) for it in unique.values()]
@@ -195,7 +201,8 @@ class ReviewStore(StoreQueries):
                     predicted=row.predicted, probs=json.loads(row.probs),
                     conformal_set=json.loads(row.conformal_set), reason=row.reason,
                     priority=row.priority, slide_path=row.slide_path, claimed_by=row.claimed_by,
-                    lease_until=row.lease_until, n_labels=row.n_labels, label=label)
+                    lease_until=row.lease_until, n_labels=row.n_labels, label=label,
+                    image_mpp=row.image_mpp, slide_mpp=row.slide_mpp)
 
     def get(self, item_id: int, reviewer: str | None = None) -> Item | None:
         """One item by id (with ``reviewer``'s current label), or None."""
@@ -207,7 +214,8 @@ class ReviewStore(StoreQueries):
             return self._item(row, label)
 
     def image(self, item_id: int, kind: str) -> bytes | None:
-        """The PNG bytes of an item's ``crop`` or ``context`` image; None if missing or empty."""
+        """The stored bytes (PNG or JPEG) of an item's ``crop`` or ``context`` image; None if
+        missing or empty."""
         col = {"crop": S.images.c.crop_png, "context": S.images.c.context_png}[kind]
         q = (sa.select(col).select_from(S.images.join(S.items, sa.and_(
             S.items.c.slide_id == S.images.c.slide_id, S.items.c.cell_id == S.images.c.cell_id)))
@@ -373,6 +381,10 @@ class ReviewStore(StoreQueries):
             c.execute(sa.update(S.items).where(S.items.c.id == last.item_id).values(**values))
             row = c.execute(sa.select(S.items).where(S.items.c.id == last.item_id)).first()
             return self._item(row, restored)
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def open_store(store: ReviewStore | str, classes: Sequence[str] | None = None,

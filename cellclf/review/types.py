@@ -36,11 +36,13 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
-    (batch inference stores JPEG: a 160² context as PNG weighs ~40 KB, as JPEG q90 ~8 KB, and the
-    slide's own tiles are JPEG already); ``crop_png`` is the model's input crop, lossless PNG.
-    ``(slide_id, cell_id)`` identifies the cell; adding it again is a
-    no-op. Higher ``priority`` = more doubtful = served first.
+    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre) and
+    ``crop_png`` the model's input crop, each PNG or JPEG (the names are historical; batch
+    inference stores JPEG for both, which keeps a queued cell under 10 KB, and the slide's own
+    tiles are JPEG already). ``image_mpp``: their µm per pixel (the model's); ``slide_mpp``: the
+    slide's level-0 µm per pixel, which lets the app cut native-resolution views from
+    ``slide_path`` while the slide is reachable. ``(slide_id, cell_id)`` identifies the cell;
+    adding it again is a no-op. Higher ``priority`` = more doubtful = served first.
     """
 
     slide_id: str
@@ -55,6 +57,8 @@ class ReviewItem:
     crop_png: bytes
     context_png: bytes
     slide_path: str | None = None
+    image_mpp: float | None = None
+    slide_mpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Item:
     lease_until: float | None
     n_labels: int
     label: str | None = None  # the asking reviewer's current label, when known
+    image_mpp: float | None = None  # µm/px of the stored images (None: queued before v3)
+    slide_mpp: float | None = None  # the slide's level-0 µm/px (None: queued before v3)
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
