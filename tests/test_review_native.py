@@ -100,8 +100,13 @@ def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_sli
                          image_mpp=WORK_MPP, slide_mpp=slide_mpp)
     old = ReviewItem("old", 0, 10.0, 10.0, "other", {"other": 1.0}, ["other"], "low_confidence",
                      -1.0, items[0].crop_png, items[0].context_png, str(slide_path))
+    junk_path = tmp_path / "junk.tif"
+    junk_path.write_bytes(b"not a slide")
+    junk = ReviewItem("junk", 0, 10.0, 10.0, "other", {"other": 1.0}, ["other"],
+                      "low_confidence", -2.0, items[0].crop_png, items[0].context_png,
+                      str(junk_path), image_mpp=WORK_MPP, slide_mpp=slide_mpp)
     st = ReviewStore(str(tmp_path / "review.sqlite"))
-    st.add_items([*items, old])
+    st.add_items([*items, old, junk])
     add_user(st, "ann", "ann-password")
     with ServerThread(create_app(st)) as srv:
         c, h = login(srv.url, "ann", "ann-password")
@@ -134,3 +139,8 @@ def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_sli
         assert pre_v3["image_mpp"] is None and pre_v3["native_mpp"] is None
         assert c.get(f"/api/items/{old_id}/crop/native.jpg").status_code == 404
         assert c.get(f"/api/items/{it['id']}/other/native.jpg").status_code == 404
+        junk_id = st.queue("junk")[0].id  # an unreadable file: the stored views, no error
+        for _ in range(2):
+            unreadable = c.get(f"/api/items/{junk_id}").json()["item"]
+            assert unreadable["native_mpp"] is None and unreadable["image_mpp"] == WORK_MPP
+        assert c.get(f"/api/items/{junk_id}/crop/native.jpg").status_code == 404

@@ -54,6 +54,7 @@ class NativeViews:
     def __init__(self, max_open: int = OPEN_SLIDES) -> None:
         self.max_open = max_open
         self._open: OrderedDict[tuple[str, float, float], Slide] = OrderedDict()
+        self._unreadable: set[tuple[str, float, float]] = set()  # not retried until it changes
         self._lock = threading.Lock()
 
     def slide_for(self, item: Item) -> Slide | None:
@@ -72,9 +73,12 @@ class NativeViews:
             if slide is not None:
                 self._open.move_to_end(key)
                 return slide
+            if key in self._unreadable:
+                return None
             try:
                 slide = Slide(path, mpp=item.slide_mpp)
             except (CellclfError, OSError):
+                self._unreadable.add(key)
                 return None
             self._open[key] = slide
             while len(self._open) > self.max_open:
