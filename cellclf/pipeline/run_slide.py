@@ -81,7 +81,7 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
                     accept, reason, conformal = gate(batch.probs)
                     if review is not None and (~accept).any():
                         _send_for_review(review, batch, cells.n, accept, reason, conformal,
-                                         slide_id, str(path), gate.classes,
+                                         slide_id, str(path.absolute()), gate.classes,
                                          (work_mpp, reader.mpp))
                     cells.add(batch.xy0, batch.probs, accept, reason, conformal)
                 if progress:
