@@ -183,3 +183,22 @@ def test_fast_path_on_synthetic_slides(request, fixture: str) -> None:
             assert np.array_equal(a, b)
         else:
             assert np.abs(a.astype(int) - b).mean() <= 0.6
+
+
+@pytest.mark.parametrize("photometric", ["ycbcr", "rgb"])
+def test_written_pyramid_keeps_its_colours(tmp_path: Path, photometric: str) -> None:
+    """write_pyramid_tiff stores RGB input faithfully in either photometric convention (a YCbCr
+    page once held the RGB samples unconverted: H&E purple read back green)."""
+    colours = np.array([[67, 34, 65], [200, 100, 150], [240, 230, 235]], np.uint8)
+
+    def tile_fn(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        band = (np.arange(x, x + w) // 64) % 3
+        return np.broadcast_to(colours[band][None], (h, w, 3)).copy()
+
+    path = write_pyramid_tiff(tmp_path / f"{photometric}.tif", 1024, 1024, tile_fn, 0.25,
+                              photometric=photometric, quality=95)
+    with Slide(path) as slide:
+        rgb = slide.read_region_mpp(0, 0, 192, 192, 192, 192)
+    for k in range(3):
+        centre = rgb[96, 64 * k + 32].astype(int)
+        assert np.abs(centre - colours[k]).max() <= 3, (k, centre)

@@ -5,6 +5,12 @@ block, deterministic from the seed) → ``cells``/``stamps`` (each cell type dra
 concentrations) → ``render`` (stroma texture, Beer–Lambert optics, blur, noise) → ``writer``
 (pyramidal JPEG TIFF/SVS that OpenSlide opens, plus a truth GeoJSON). This is test data, not
 evidence of clinical accuracy.
+
+``--style v2`` (``architecture``) adds glands, crowding, larger vessels, collagen clefts,
+out-of-plane nuclei, uneven staining and real-range optics; v1 stays the default.
+Hybrid slides (``cellclf synth-hybrid``): ``backgrounds`` (a real slide or tile folder and its
+real nuclei) → ``local_optics`` (stain, focus, noise measured per window) → ``hybrid``
+(synthetic target cells drawn with the same ``cells`` stamps, blended in optical density).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ BASE_DENSITY_RANGES: dict[str, tuple[float, float]] = {
 }
 EPITHELIAL_DENSITY = 20000.0  # per mm² of epithelial band (before hard-core thinning)
 VESSEL_DENSITY = 14.0         # small vessels (red cell clusters) per mm² of stroma
+STYLES = ("v1", "v2")         # v1: the original cartoon; v2: tissue architecture (architecture.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class SlideLayout:
     base_density: dict[str, float]
     fibre_angles: tuple[float, float]   # orientation (rad) of the two collagen textures
     ambiguous_share: float
+    style: str = "v1"
+    lymph_foci: np.ndarray | None = None   # v2: (k, 4) lymphoid aggregates, like neutro_foci
+    stain_wave: np.ndarray | None = None   # v2: (N_WAVES, 4) uneven staining across the slide
+
+    @property
+    def v2(self) -> bool:
+        return self.style == "v2"
 
     def field(self, which: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Low-frequency field (mean 0, std ~1) at points in µm."""
@@ -59,14 +67,11 @@ class SlideLayout:
     def field_grid(self, which: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """:meth:`field` on the grid ys × xs (float32 (len(ys), len(xs))), as a rank-2N
         product of separable cosines: cos(a + b) = cos a cos b − sin a sin b."""
-        w = self.waves[which]
-        ax = w[:, 0][None] * np.asarray(xs, np.float64)[:, None]              # (W, N)
-        by = w[:, 1][None] * np.asarray(ys, np.float64)[:, None] + w[:, 2][None]
-        left = np.concatenate([np.cos(by) * w[:, 3], -np.sin(by) * w[:, 3]], axis=1)
-        right = np.concatenate([np.cos(ax), np.sin(ax)], axis=1)
-        # einsum's own loop, not BLAS: BLAS threads thrash when every worker process spins them
-        return np.einsum("yk,xk->yx", left.astype(np.float32), right.astype(np.float32),
-                         optimize=False)
+        return _wave_grid(self.waves[which], xs, ys)
+
+    def stain_grid(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """v2: the uneven-staining field (mean 0, std ~1) on the grid ys × xs."""
+        return _wave_grid(self.stain_wave, xs, ys)
 
     def depth(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Depth inside tissue in µm (positive inside, negative on glass), the island index and
@@ -123,6 +128,18 @@ class SlideLayout:
         return float(np.exp(0.6 * np.abs(self.waves[FIELD_INFLAM, :, 3]).sum()))
 
 
+def _wave_grid(w: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Sum of plane waves ``w`` (N, 4) on the grid ys × xs (float32), as a rank-2N product of
+    separable cosines."""
+    ax = w[:, 0][None] * np.asarray(xs, np.float64)[:, None]              # (W, N)
+    by = w[:, 1][None] * np.asarray(ys, np.float64)[:, None] + w[:, 2][None]
+    left = np.concatenate([np.cos(by) * w[:, 3], -np.sin(by) * w[:, 3]], axis=1)
+    right = np.concatenate([np.cos(ax), np.sin(ax)], axis=1)
+    # einsum's own loop, not BLAS: BLAS threads thrash when every worker process spins them
+    return np.einsum("yk,xk->yx", left.astype(np.float32), right.astype(np.float32),
+                     optimize=False)
+
+
 def _waves(rng: np.random.Generator, n_fields: int) -> np.ndarray:
     out = np.zeros((n_fields, N_WAVES, 4))
     for f in range(n_fields):
@@ -174,8 +191,10 @@ def _points_in_tissue(rng: np.random.Generator, layout_depth, w: float, h: float
     return np.asarray(pts, np.float64).reshape(-1, 2)
 
 
-def make_layout(width_um: float, height_um: float, seed: int, difficulty: float) -> SlideLayout:
-    """Draw the slide-wide layout from the seed (deterministic)."""
+def make_layout(width_um: float, height_um: float, seed: int, difficulty: float,
+                style: str = "v1") -> SlideLayout:
+    """Draw the slide-wide layout from the seed (deterministic). ``style`` "v2" draws more
+    (lymphoid aggregates, uneven staining) after everything v1 draws, so v1 is unchanged."""
     rng = np.random.default_rng([int(seed), 0x5EED])
     islands = _islands(rng, width_um, height_um)
     n = len(islands)
@@ -205,5 +224,13 @@ def make_layout(width_um: float, height_um: float, seed: int, difficulty: float)
         rng.uniform(40.0, 140.0, len(centres)),
         rng.uniform(600.0, 2500.0, len(centres)),
     ])
+    lymph = stain_wave = None
+    if style == "v2":
+        n_ly = max(1, int(round(tissue_mm2 / 2.0)))
+        centres = _points_in_tissue(rng, draft.depth, width_um, height_um, n_ly, 30.0)
+        lymph = np.column_stack([centres, rng.uniform(30.0, 90.0, len(centres)),
+                                 rng.uniform(4000.0, 9000.0, len(centres))])
+        stain_wave = _waves(rng, 1)[0]
     return SlideLayout(width_um, height_um, seed, difficulty, islands, epithelium, hotspots,
-                       neutro, waves, base, fibre_angles, 0.15 * difficulty)
+                       neutro, waves, base, fibre_angles, 0.15 * difficulty, style, lymph,
+                       stain_wave)

@@ -15,6 +15,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .architecture import (
+    EXCLUSION_FACTOR_V2,
+    VESSEL_DENSITY_FACTOR_V2,
+    VESSEL_RADIUS_V2_UM,
+    block_glands,
+    gland_cells,
+    gland_level,
+    glands_near,
+)
 from .celltypes import (
     AMBIGUOUS_WITH,
     ASPECT,
@@ -64,6 +73,8 @@ def _stroma_density(layout: SlideLayout, name: str, x: np.ndarray, y: np.ndarray
     lam = np.full(x.shape, layout.base_density[name])
     if name in INFLAMMATORY:
         lam = lam * layout.inflammation(x, y)
+    if name == "lymphocyte" and layout.v2:
+        lam = lam + layout.hot_density(x, y, layout.lymph_foci)
     if name == "eosinophil":
         lam = lam + layout.hot_density(x, y, layout.hotspots)
     elif name == "neutrophil":
@@ -77,6 +88,8 @@ def _stroma_bound(layout: SlideLayout, name: str, box) -> float:
     lam = layout.base_density[name]
     if name in INFLAMMATORY:
         lam *= layout.inflammation_max
+    if name == "lymphocyte" and layout.v2:
+        lam += layout.hot_bound(box, layout.lymph_foci)
     if name == "eosinophil":
         lam += layout.hot_bound(box, layout.hotspots)
     elif name == "neutrophil":
@@ -88,7 +101,7 @@ def _empty() -> np.ndarray:
     return np.zeros(0, CELL_DTYPE)
 
 
-def _new_cells(rng: np.random.Generator, code: int, x: np.ndarray, y: np.ndarray,
+def new_cells(rng: np.random.Generator, code: int, x: np.ndarray, y: np.ndarray,
                angle: np.ndarray | None = None, diam: np.ndarray | None = None) -> np.ndarray:
     n = len(x)
     c = np.zeros(n, CELL_DTYPE)
@@ -105,10 +118,11 @@ def _new_cells(rng: np.random.Generator, code: int, x: np.ndarray, y: np.ndarray
 
 def _vessels(rng: np.random.Generator, layout: SlideLayout, box, area_mm2: float) -> list:
     """Small vessels: a cluster of red cells in a lumen lined by flat endothelial nuclei."""
-    n = rng.poisson(VESSEL_DENSITY * area_mm2)
+    density = VESSEL_DENSITY * (VESSEL_DENSITY_FACTOR_V2 if layout.v2 else 1.0)
+    n = rng.poisson(density * area_mm2)
     vx = rng.uniform(box[0], box[2], n)
     vy = rng.uniform(box[1], box[3], n)
-    rv = rng.uniform(5.0, 14.0, n)
+    rv = rng.uniform(*(VESSEL_RADIUS_V2_UM if layout.v2 else (5.0, 14.0)), n)
     d, idx, th = layout.depth(vx, vy)
     ok = (d > 30.0) & (layout.epithelium_weight(d, idx, th) < 0.05)
     out = []
@@ -116,11 +130,11 @@ def _vessels(rng: np.random.Generator, layout: SlideLayout, box, area_mm2: float
         k = max(1, int(round(rng.uniform(0.4, 0.9) * r * r / 3.5 ** 2)))
         rad = (r - 3.2) * np.sqrt(rng.random(k))
         phi = rng.uniform(0, 2 * np.pi, k)
-        out.append(_new_cells(rng, RBC, cx + rad * np.cos(phi), cy + rad * np.sin(phi)))
+        out.append(new_cells(rng, RBC, cx + rad * np.cos(phi), cy + rad * np.sin(phi)))
         m = max(3, int(round(2 * np.pi * r / 12.0)))
         phi = rng.uniform(0, 2 * np.pi) + np.arange(m) * 2 * np.pi / m
         ring = r + 1.6
-        endo = _new_cells(rng, FIB, cx + ring * np.cos(phi), cy + ring * np.sin(phi),
+        endo = new_cells(rng, FIB, cx + ring * np.cos(phi), cy + ring * np.sin(phi),
                           angle=phi + np.pi / 2, diam=rng.uniform(8.0, 12.0, m))
         out.append(endo)
     return out
@@ -168,20 +182,31 @@ def block_candidates(layout: SlideLayout, by: int, bx: int) -> np.ndarray:
             angle = np.where(f > 0, *layout.fibre_angles) + rng.normal(0, 0.2, ok.sum())
         else:
             angle = None
-        parts.append(_new_cells(rng, code, x[ok], y[ok], angle=angle))
+        parts.append(new_cells(rng, code, x[ok], y[ok], angle=angle))
     parts.extend(_vessels(rng, layout, box, area_mm2))
+    if layout.v2:
+        parts = _with_glands(rng, layout, box, by, bx, parts)
     if not parts:
         return _empty()
     c = np.concatenate(parts)
-    _finish(rng, layout, c)
+    finish_cells(rng, layout.ambiguous_share, c)
     inside = (c["x"] >= 0) & (c["x"] < layout.width_um) & (c["y"] >= 0) & (
         c["y"] < layout.height_um)
     return c[inside]
 
 
-def _finish(rng: np.random.Generator, layout: SlideLayout, c: np.ndarray) -> None:
-    """Ambiguity flags (towards a look-alike type) and exclusion radii, in place."""
-    share = layout.ambiguous_share
+def _with_glands(rng, layout: SlideLayout, box, by: int, bx: int, parts: list) -> list:
+    """v2: stroma cells of the block leave the glands that reach it; its own glands add their
+    epithelium."""
+    near = glands_near(layout, *box)
+    if len(near) and parts:
+        parts = [p[gland_level(near, p["x"], p["y"]) > 1.05] for p in parts]
+    return parts + gland_cells(rng, block_glands(layout, by, bx), new_cells)
+
+
+def finish_cells(rng: np.random.Generator, share: float, c: np.ndarray) -> None:
+    """Ambiguity flags (a ``share`` of look-alike-able cells drawn towards their look-alike
+    type) and exclusion radii, in place."""
     amb_u = rng.random(len(c))
     mix = rng.uniform(0.3, 0.8, len(c))
     for code, other in AMBIGUOUS_WITH.items():
@@ -199,14 +224,16 @@ def _finish(rng: np.random.Generator, layout: SlideLayout, c: np.ndarray) -> Non
     c["ex"] = ex
 
 
-def hard_core(cands: np.ndarray) -> np.ndarray:
-    """Matérn II rule: bool mask of candidates with no higher-priority conflicting neighbour."""
+def hard_core(cands: np.ndarray, factors: dict[int, float] | None = None) -> np.ndarray:
+    """Matérn II rule: bool mask of candidates with no higher-priority conflicting neighbour
+    (``factors`` per type code; default :data:`EXCLUSION_FACTOR`)."""
     n = len(cands)
     keep = np.ones(n, bool)
     if n < 2:
         return keep
     xy = np.column_stack([cands["x"], cands["y"]])
-    factor = np.asarray([EXCLUSION_FACTOR[int(t)] for t in range(len(CELL_TYPES))], np.float32)
+    table = EXCLUSION_FACTOR if factors is None else factors
+    factor = np.asarray([table[int(t)] for t in range(len(CELL_TYPES))], np.float32)
     f = factor[cands["type"]]
     ex = cands["ex"]
     pairs = cKDTree(xy).query_pairs(float(f.max() * 2 * ex.max()), output_type="ndarray")
@@ -237,5 +264,5 @@ def block_row_cells(layout: SlideLayout, by: int) -> np.ndarray:
         return _empty()
     cands = np.concatenate(strip)
     mine = np.concatenate(own)
-    keep = hard_core(cands)
+    keep = hard_core(cands, EXCLUSION_FACTOR_V2 if layout.v2 else None)
     return cands[keep & mine]

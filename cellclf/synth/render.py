@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .architecture import gland_stains, optics_v2
 from .cells import DRAW
 from .celltypes import MAX_RADIUS_UM
 from .layout import FIELD_EDEMA, FIELD_FIBRE, SlideLayout
@@ -38,8 +39,11 @@ class Optics:
     jpeg_quality: int
 
 
-def make_optics(seed: int, difficulty: float) -> Optics:
-    """Per-slide stain/scanner variation; difficulty 0 gives the reference lab and a clean scan."""
+def make_optics(seed: int, difficulty: float, style: str = "v1") -> Optics:
+    """Per-slide stain/scanner variation; difficulty 0 gives the reference lab and a clean scan
+    (style v1) or a draw from the real-world range (v2, see ``architecture.optics_v2``)."""
+    if style == "v2":
+        return Optics(*optics_v2(seed, difficulty, STAIN_H, STAIN_E, STAIN_D))
     d = float(difficulty)
     rng = np.random.default_rng([int(seed), 0x0971C5])
     rows = []
@@ -101,13 +105,31 @@ def _stroma(layout: SlideLayout, bank, tissue, band, xs_um, ys_um, y0: int, x0: 
     if not np.isscalar(band):
         e += (0.34 * (1.0 + 0.06 * fib) - e) * band
         hh += (0.10 - hh) * band
+    if layout.v2:
+        e = e * np.clip((fib + 1.5) / 0.5, 0.2, 1.0)          # clefts between bundles
+        hh, e = _stroma_v2(layout, bank, hh, e, xs_um, ys_um, y0, x0)
     d = 0.02 + 0.15 * e                  # real eosin also absorbs some blue
     if np.isscalar(tissue):
         return np.stack([hh, e, d])
     return np.stack([hh * tissue, e * tissue, d * tissue])
 
 
-def _add_cells(canvas: np.ndarray, cells: np.ndarray, px_um: float, x0_um: float, y0_um: float,
+def _stroma_v2(layout: SlideLayout, bank, hh, e, xs_um, ys_um, y0: int, x0: int):
+    """v2 stroma: ghost nuclei, uneven staining and glands (``architecture``)."""
+    h, w = len(ys_um), len(xs_um)
+    hh = hh + 0.55 * bank.sample_global("ghost", y0, x0, h, w)
+    uneven = np.exp(0.12 * layout.stain_grid(xs_um, ys_um))
+    hh, e = hh * uneven, e * uneven
+    px = float(xs_um[1] - xs_um[0]) if len(xs_um) > 1 else 1.0
+    glands = gland_stains(layout, xs_um, ys_um, max(px, 0.5))
+    if glands is not None:
+        replace, gh, ge = glands
+        keep = 1.0 - replace
+        hh, e = hh * keep + gh, e * keep + ge
+    return hh, e
+
+
+def add_cells(canvas: np.ndarray, cells: np.ndarray, px_um: float, x0_um: float, y0_um: float,
                bank, aa_um: float) -> None:
     """Draw cells (any types) into the (4, H, W) canvas: h, e, d, coverage."""
     _, hh, ww = canvas.shape
@@ -160,11 +182,11 @@ def render_region(layout: SlideLayout, optics: Optics, cells: np.ndarray, x0: in
                 val += _noise(rng, (h, w), noise)
             out[..., c] = np.clip(val, 0.0, 255.0)
         return out
-    bank = texture_bank(layout.seed, px_um, layout.fibre_angles, optics.blur_um)
+    bank = texture_bank(layout.seed, px_um, layout.fibre_angles, optics.blur_um, layout.style)
     conc = _stroma(layout, bank, tissue, band, xs, ys, y0, x0)
     if near.any():
         canvas = np.zeros((4, h, w), np.float32)
-        _add_cells(canvas, cells[near], px_um, x0_um, y0_um, bank, aa_um)
+        add_cells(canvas, cells[near], px_um, x0_um, y0_um, bank, aa_um)
         keep = 1.0 - np.minimum(canvas[3], 1.0)
         conc *= keep[None]
         conc += canvas[:3]

@@ -47,6 +47,7 @@ class TextureBank:
     px_um: float
     fibre_angles: tuple[float, float]
     blur_um: float = 0.0
+    style: str = "v1"
     granule_size: int = 256
     tex: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -60,6 +61,9 @@ class TextureBank:
         self.tex["fine"] = _dots(rng, g, p, 4.0, 0.16)       # mast / neutrophil granules
         self.tex["speckle"] = _dots(rng, g, p, 2.0, 0.22)    # chromatin
         self.tex["foam"] = _dots(rng, g, p, 0.25, 0.55)      # macrophage vacuoles
+        if self.style == "v2":                               # out-of-plane nuclei in stroma
+            ghost = _dots(rng, 1024, p, 0.0025, 1.6)
+            self.tex["ghost"] = ghost / max(float(np.percentile(ghost, 99.9)), 1e-6)
         sigma_px = self.blur_um / p
         if sigma_px >= 0.2:                                   # focus blur, applied once here
             for name, t in self.tex.items():
@@ -88,12 +92,13 @@ _BANKS: dict[tuple, TextureBank] = {}
 
 
 def texture_bank(seed: int, px_um: float, fibre_angles: tuple[float, float],
-                 blur_um: float = 0.0) -> TextureBank:
-    """Cached :class:`TextureBank` (one per process per seed, pixel size and blur)."""
-    key = (int(seed), round(float(px_um), 6), fibre_angles, round(float(blur_um), 6))
+                 blur_um: float = 0.0, style: str = "v1") -> TextureBank:
+    """Cached :class:`TextureBank` (one per process per seed, pixel size, blur and style)."""
+    key = (int(seed), round(float(px_um), 6), fibre_angles, round(float(blur_um), 6), style)
     bank = _BANKS.get(key)
     if bank is None:
         if len(_BANKS) > 8:
             _BANKS.clear()
-        bank = _BANKS[key] = TextureBank(int(seed), float(px_um), fibre_angles, float(blur_um))
+        bank = _BANKS[key] = TextureBank(int(seed), float(px_um), fibre_angles, float(blur_um),
+                                             style)
     return bank

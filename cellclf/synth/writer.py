@@ -28,7 +28,7 @@ import numpy as np
 from cellclf.errors import ConfigError
 
 from .celltypes import CELL_TYPES, CLASS_COLORS, MAX_RADIUS_UM, NO_TYPE
-from .layout import SlideLayout, make_layout
+from .layout import STYLES, SlideLayout, make_layout
 from .placement import BLOCK_UM, STRAY_UM, block_row_cells, n_blocks
 from .render import Optics, make_optics, render_region
 
@@ -57,7 +57,10 @@ def default_name(seed: int, difficulty: float) -> str:
     return f"synth_s{seed}_d{difficulty:g}"
 
 
-def _validate(width, height, mpp, seed, difficulty, fmt, name, workers) -> None:
+def _validate(width, height, mpp, seed, difficulty, fmt, name, workers, style) -> None:
+    if style not in STYLES:
+        raise ConfigError(f"unknown synthetic slide style {style!r}; use one of: "
+                          f"{', '.join(STYLES)} (v2 adds tissue architecture)")
     for label, value in (("width", width), ("height", height)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"synthetic slide {label} must be a positive whole number of "
@@ -239,22 +242,25 @@ def _write_pyramid(path: Path, levels, mpp: float, optics: Optics, fmt: str, met
 
 def render_slide(out_dir, width: int, height: int, mpp: float = 0.25, seed: int = 0,
                  difficulty: float = 0.3, fmt: str = "tiff", name: str | None = None,
-                 workers: int = 0, progress: bool = False) -> tuple[Path, Path]:
+                 workers: int = 0, progress: bool = False, style: str = "v1"
+                 ) -> tuple[Path, Path]:
     """Render a synthetic H&E slide and its ground truth; returns (slide path, truth path).
 
     Writes ``out_dir/<name>.tif`` (generic pyramidal TIFF, mpp in the resolution tags) or
     ``.svs`` (Aperio-style description: vendor ``aperio``, MPP, AppMag) and
     ``out_dir/<name>.geojson`` (one QuPath detection point per cell, level-0 px). The same
-    arguments give byte-identical files for any ``workers`` (0 = all cores).
+    arguments give byte-identical files for any ``workers`` (0 = all cores). ``style`` "v2"
+    adds tissue architecture and real-range optics (``architecture``); "v1" is the original.
     """
-    _validate(width, height, mpp, seed, difficulty, fmt, name, workers)
+    _validate(width, height, mpp, seed, difficulty, fmt, name, workers, style)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = name or default_name(int(seed), float(difficulty))
+    name = name or default_name(int(seed), float(difficulty)) + ("" if style == "v1"
+                                                                  else f"_{style}")
     slide_path = out / f"{name}.{'svs' if fmt == 'svs' else 'tif'}"
     truth_path = out / f"{name}.geojson"
-    layout = make_layout(width * mpp, height * mpp, int(seed), float(difficulty))
-    optics = make_optics(int(seed), float(difficulty))
+    layout = make_layout(width * mpp, height * mpp, int(seed), float(difficulty), style)
+    optics = make_optics(int(seed), float(difficulty), style)
     levels = pyramid_levels(width, height)
     rows = n_blocks(layout)[0]
     tasks = _render_tasks(levels)
@@ -263,7 +269,7 @@ def render_slide(out_dir, width: int, height: int, mpp: float = 0.25, seed: int 
     if workers == 0 and width * height < POOL_MIN_PIXELS:
         n_workers = 1                   # small: starting a pool would cost more than it saves
     meta = (f"cellclf synthetic H&E slide; seed={seed}; difficulty={difficulty:g}; "
-            f"mpp={mpp:g}; not real tissue")
+            f"mpp={mpp:g}; not real tissue" + ("" if style == "v1" else f"; style={style}"))
     scratch = tempfile.mkdtemp(prefix=".synth-", dir=out)
     try:
         with _mapper(n_workers, (layout, optics, scratch, float(mpp))) as imap, \

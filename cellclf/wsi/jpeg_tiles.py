@@ -244,6 +244,14 @@ def array_tile_fn(rgb: np.ndarray):
     return tile_fn
 
 
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """JFIF (full-range BT.601) YCbCr of an RGB uint8 image, as a JPEG decoder inverts it."""
+    m = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                 np.float32)
+    ycc = rgb.astype(np.float32) @ m.T + np.array([0.0, 128.0, 128.0], np.float32)
+    return np.clip(np.rint(ycc), 0, 255).astype(np.uint8)
+
+
 def write_pyramid_tiff(path: str | Path, width: int, height: int, tile_fn, mpp: float, *,
                        tile_px: int = 256, min_level_px: int = 512, photometric: str = "ycbcr",
                        quality: int = 90, aperio: bool = False) -> Path:
@@ -269,7 +277,8 @@ def write_pyramid_tiff(path: str | Path, width: int, height: int, tile_fn, mpp: 
                 h, w = min(tile_px, lh - ty), min(tile_px, lw - tx)
                 block = np.full((tile_px, tile_px, 3), 255, np.uint8)
                 block[:h, :w] = tile_fn(level, tx, ty, w, h)
-                yield block
+                # tifffile stores the samples of a YCbCr page as given: convert RGB first
+                yield rgb_to_ycbcr(block) if photometric == "ycbcr" else block
 
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tw:
         for level, (lw, lh) in enumerate(dims):

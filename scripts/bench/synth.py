@@ -6,6 +6,7 @@ docs/benchmarks.md with the machine, date and commit.
 
     python scripts/bench/synth.py                       # 20000 x 20000 at 0.25 µm/px
     python scripts/bench/synth.py --large --workers 16  # 100000 x 80000 (the lent GPU machine)
+    python scripts/bench/synth.py --style v2            # the v2 renderer (tissue architecture)
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _run(width: int, height: int, args, workers: int) -> dict:
         t0 = time.perf_counter()
         slide, truth = render_slide(out, width, height, mpp=args.mpp, seed=args.seed,
                                     difficulty=args.difficulty, fmt=args.format,
-                                    workers=workers, progress=sys.stderr.isatty())
+                                    workers=workers, progress=sys.stderr.isatty(),
+                                    style=args.style)
         seconds = time.perf_counter() - t0
         size_mb = slide.stat().st_size / 1e6
         with truth.open() as fh:
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--difficulty", type=float, default=0.3)
     ap.add_argument("--format", default="tiff", choices=("tiff", "svs"))
+    ap.add_argument("--style", default="v1", choices=("v1", "v2"))
     ap.add_argument("--out", type=Path, default=None, help="keep the files here")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks.md")
     args = ap.parse_args()
@@ -92,7 +95,8 @@ def main() -> None:
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()} (load average {load} "
             f"after the run). synth: `render_slide` {args.width}x{args.height} px at "
-            f"{args.mpp} µm/px, d={args.difficulty:g}, {args.format}, seed {args.seed}; all "
+            f"{args.mpp} µm/px, d={args.difficulty:g}, {args.format}, seed {args.seed}, style "
+            f"{args.style}; all "
             f"pyramid levels, truth GeoJSON and JPEG encoding included. Peak RSS {rss_main:.0f} "
             f"MB main process, {rss_child:.0f} MB largest worker.\n\n" + "\n".join(lines) + "\n")
     print(text)
