@@ -161,7 +161,9 @@ def test_cell_view_shows_a_scale_bar_and_zooms(browser, tiny_slide, tmp_path):
     with Slide(tiny_slide[0]) as slide:
         rgb = slide.read_region_mpp(0, 0, slide.width, slide.height, slide.width // 2,
                                     slide.height // 2)
-    centres = np.array([[300.0, 300.0], [700.0, 600.0]])  # px at 0.5 µm/px
+    from cellclf.detect.classical import detect_cells
+
+    centres = detect_cells(rgb, 0.5)[[5, 20]].astype(np.float64)  # px at 0.5 µm/px
     probs = np.array([[0.5, 0.3, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]], np.float32)
     items = [review_items("tiny", path, np.array([k]), centres[k:k + 1] * 2, probs[k:k + 1],
                           np.array(["low_confidence"]), np.ones((1, 4), bool),
@@ -206,6 +208,7 @@ def test_cell_view_shows_a_scale_bar_and_zooms(browser, tiny_slide, tmp_path):
         expect(page.locator("[data-testid=context-scale]")).to_have_attribute("data-um", "20")
         page.locator("#context-view").click()
         expect(page.locator("#context-view")).to_have_attribute("data-zoom", "2")
+        assert page.locator("#ring").bounding_box()["width"] == pytest.approx(128, abs=1)
         expect(page.locator("[data-testid=context-scale]")).to_have_attribute("data-um", "10")
         page.keyboard.press("1")  # label: the next cell's slide is not reachable
         expect(crop_res).to_have_text("0.500 µm/px (stored)")

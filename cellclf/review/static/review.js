@@ -20,6 +20,7 @@
   const ZOOMS = [1, 2, 4];
   const NICE_UM = [0.5, 1, 2, 5, 10, 20, 50, 100, 200];
   const BAR_MAX_PX = 120;
+  const RING_PX = 64;
   let zoomIdx = 0;
 
   const pretty = (s) => (s === "cant_tell" ? "can't tell" : s.replace(/_/g, " "));
@@ -175,6 +176,9 @@
       $(kind).classList.toggle("pixelated", kind === "crop" || zoom > 1);
       updateScale(kind);
     }
+    const ring = $("ring");  // the ring grows with the zoom, its line stays thin
+    ring.style.width = ring.style.height = `${RING_PX * zoom}px`;
+    ring.style.margin = `${-RING_PX * zoom / 2}px 0 0 ${-RING_PX * zoom / 2}px`;
     $("zoom-text").textContent = `${zoom}×`;
   }
 
