@@ -11,9 +11,7 @@ parameter (any ``detect(tile_rgb, mpp) -> centres_px``; the classical one by def
 
 from __future__ import annotations
 
-import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,29 +90,9 @@ class HostStage:
         self.close()
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Lossless PNG of an RGB uint8 image: rows "Sub"-filtered with numpy, deflated by zlib at level
-    1 (which releases the GIL, so review crops encode in parallel threads); about twice Pillow's
-    speed at the same size."""
-    a = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-    h, w = a.shape[:2]
-    flat = a.reshape(h, w * 3)
-    rows = np.empty((h, w * 3 + 1), np.uint8)
-    rows[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
-    rows[:, 1:4] = flat[:, :3]
-    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:], dtype=np.uint8, casting="unsafe")
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
-
-
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL): the
-    review context images, a fifth of their PNG size."""
+    """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL, so the
+    review images encode in parallel threads): a fifth of the PNG size or less."""
     import imagecodecs
 
     return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb[..., :3]), level=quality))
@@ -134,7 +112,7 @@ class ReviewWriter:
     def __init__(self, on_review: Callable[[list[ReviewItem]], None], workers: int,
                  depth: int = 4) -> None:
         self.on_review = on_review
-        self.encoders = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cellclf-png")
+        self.encoders = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cellclf-jpeg")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="cellclf-review")
         self.pending: InFlight[None] = InFlight(depth)
 
@@ -164,8 +142,8 @@ class ReviewWriter:
         self.close(wait=exc_type is None)
 
 
-REVIEW_CROP_JPEG_QUALITY = 90     # the model's crop: 64² px, ~2 KB
-REVIEW_CONTEXT_JPEG_QUALITY = 80  # the context view: 160² px, ~5 KB
+REVIEW_CROP_JPEG_QUALITY = 90     # the model's crop: 64² px, ~1.8 KB on the demo slide
+REVIEW_CONTEXT_JPEG_QUALITY = 80  # the context view: 160² px, ~5.1 KB on the demo slide
 
 
 def _crop_jpeg(rgb: np.ndarray) -> bytes:
@@ -184,9 +162,10 @@ def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarra
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
     ``encode(encoder, images)`` maps an encoder (over a thread pool in ``run_slide``).
 
-    Crop and context are stored as JPEG (together ≤ 10 KB per cell; the lossless PNG crop alone
-    weighed ~12 KB) at the model's ``image_mpp``; with ``slide_mpp`` (the slide's level-0 µm/px)
-    the review app cuts native-resolution views from ``slide_path`` while the slide is reachable.
+    Crop and context are stored as JPEG at the model's ``image_mpp`` (8.5 KB per queued cell in
+    the store on the demo slide; 16 KB with the former lossless PNG crop); with ``slide_mpp`` (the
+    slide's level-0 µm/px) the review app cuts native-resolution views from ``slide_path`` while
+    the slide is reachable (docs/review.md).
     """
     pred = probs.argmax(axis=1)
     crop_jpeg = encode(_crop_jpeg, list(crops))
