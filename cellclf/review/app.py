@@ -103,6 +103,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
     def as_json(item: Item | None) -> dict[str, Any] | None:
         return item_json(item, native=item is not None and natives.available(item))
+
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def secure(request: Request) -> bool:
