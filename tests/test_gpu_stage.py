@@ -156,3 +156,17 @@ def test_bucket_sizes_are_few_and_cover_the_batch():
         256, 256, 256, 512, 4096, 4096, 4096, 4096]
     assert len({bucket_size(n, 4096) for n in range(1, 5000)}) == 5
     assert bucket_size(100, 128) == 128
+
+
+def test_png_bytes_round_trips_losslessly():
+    import io
+
+    from PIL import Image
+
+    from cellclf.pipeline.host_stage import png_bytes
+
+    rng = np.random.default_rng(0)
+    for shape in ((160, 160, 3), (1, 1, 3), (7, 33, 3), (64, 64, 4)):
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        back = np.asarray(Image.open(io.BytesIO(png_bytes(img))).convert("RGB"))
+        np.testing.assert_array_equal(back, img[..., :3])

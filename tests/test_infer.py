@@ -95,10 +95,13 @@ def test_review_store_holds_exactly_the_gated_cells(batch_out):
     expected = []
     for sid in ("tiny", "tiny_svs"):
         cells = pq.read_table(out / sid / "cells.parquet").to_pydict()
-        for cid, dec, cls, reason in zip(cells["cell_id"], cells["decision"], cells["class"],
-                                         cells["reason"], strict=True):
+        for cid, dec, cls, reason, audit in zip(cells["cell_id"], cells["decision"],
+                                                cells["class"], cells["reason"], cells["audit"],
+                                                strict=True):
             if dec == "review":
                 expected.append((sid, cid, cls, reason))
+            elif audit:  # the running audit: an accepted cell queued like any other
+                expected.append((sid, cid, cls, "low_confidence"))
     assert rows == sorted(expected) and len(rows) > 0
 
 

@@ -135,8 +135,8 @@ def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_sli
         back = c.get(f"/api/items/{it['id']}").json()["item"]
         assert back["native_mpp"] == slide_mpp
         old_id = st.queue("old")[0].id
-        pre_v3 = c.get(f"/api/items/{old_id}").json()["item"]
-        assert pre_v3["image_mpp"] is None and pre_v3["native_mpp"] is None
+        pre_v4 = c.get(f"/api/items/{old_id}").json()["item"]
+        assert pre_v4["image_mpp"] is None and pre_v4["native_mpp"] is None
         assert c.get(f"/api/items/{old_id}/crop/native.jpg").status_code == 404
         assert c.get(f"/api/items/{it['id']}/other/native.jpg").status_code == 404
         junk_id = st.queue("junk")[0].id  # an unreadable file: the stored views, no error

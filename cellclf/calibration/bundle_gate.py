@@ -2,18 +2,27 @@
 ``cellclf evaluate``.
 
 Sits after training: classify the candidates of calibration slides that training never saw
-(:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths of
-:mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`,
+(:func:`cellclf.evaluation.evaluate.evaluate` gives the cell table), then fit — with the pure maths
+of :mod:`cellclf.gate.temperature`, :mod:`cellclf.gate.thresholds`, :mod:`cellclf.gate.conformal`,
 :mod:`cellclf.gate.slide_guard` — the temperature, the per-class certified thresholds, the
 reviewer's conformal sets and the slide-level OOD guard, and write them into card.json. The
 guarantee holds for slides exchangeable with the calibration slides; the OOD guard watches that
-assumption. By default the gate also certifies the
-miss bound (β = :data:`DEFAULT_BETA`: at most 1 % of each target class auto-accepted as ``other``),
-so that counts after review stay right; :func:`counts_after_review` measures that on test slides.
+assumption. By default the gate also certifies the miss bound (β = :data:`DEFAULT_BETA`: at most
+1 % of each target class auto-accepted as ``other``), so that counts after review stay right;
+:func:`counts_after_review` measures that on test slides.
+
+Slides as the unit (:mod:`cellclf.gate.slide_bound`): the cell-level statements treat calibration
+cells as independent draws. The slide-level gate (Learn-then-Test over slide losses) is always fitted
+and written as the card's ``gate_slides`` section, with the slides it used; ``unit`` decides which
+thresholds deployment applies: ``slides`` (every threshold raised to a certified slide-level grid
+point; classes without one go to review), ``cells`` (the cell-level gate, with the slide-level
+statement marked as not established), or ``auto`` (slides when there are enough calibration slides
+for the smallest α, else cells).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +31,39 @@ from typing import Any
 from cellclf.errors import CellclfError
 
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
+GATE_UNITS = ("auto", "cells", "slides")
+
+
+def slide_level_gate(gate: Any, slide_gate: dict[str, Any], unit: str) -> tuple[Any, str]:
+    """The gate deployment applies, and the unit chosen (pure).
+
+    ``slides``: each class's threshold is the lowest certified slide-level grid point at or above its
+    cell-level threshold (so both statements hold); a class without both goes to review.
+    """
+    from cellclf.gate.slide_bound import grid_at_or_above
+
+    if unit not in GATE_UNITS:
+        raise CellclfError(f"gate unit {unit!r}: use one of {GATE_UNITS}")
+    if unit == "auto":
+        enough = slide_gate["n_slides"] >= min(slide_gate["min_slides"].values())
+        unit = "slides" if enough else "cells"
+    if unit == "cells":
+        return gate, unit
+    thresholds: dict[str, float | None] = {}
+    notes = dict(gate.notes)
+    for c in gate.classes:
+        cell_t, slide_t = gate.thresholds.get(c), slide_gate["thresholds"].get(c)
+        if cell_t is None or slide_t is None:
+            thresholds[c] = None
+            if slide_t is None:
+                notes[c] = slide_gate["notes"].get(c, "not certified at slide level")
+        else:
+            thresholds[c] = grid_at_or_above(cell_t, slide_t)
+    guarantee = (f"{gate.guarantee} {slide_gate['guarantee']} Both hold at once with "
+                 f"probability at least {1 - 2 * gate.delta:g}.")
+    return dataclasses.replace(gate, thresholds=thresholds, notes=notes, guarantee=guarantee,
+                               method=gate.method + "; thresholds raised to the slide-level "
+                               "Learn-then-Test (Hoeffding-Bentkus) grid"), unit
 
 
 def training_slide_ids(card: Any) -> set[str]:
@@ -39,20 +81,18 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
                      delta: float = 0.05, alpha_set: float = 0.1, workers: int = 0,
                      progress: bool = True, out: str | Path | None = None,
                      beta: float | None = DEFAULT_BETA,
-                     alpha_per_class: dict[str, float] | None = None) -> dict[str, Any]:
+                     alpha_per_class: dict[str, float] | None = None,
+                     unit: str = "auto") -> dict[str, Any]:
     """Fit temperature, gate, conformal sets and OOD guard on DATA; write them into card.json.
 
     ``beta`` is the gate's miss bound (None = off), ``alpha_per_class`` overrides α per class
-    (see :func:`cellclf.gate.thresholds.fit_gate`)."""
+    (see :func:`cellclf.gate.thresholds.fit_gate`); ``unit`` which statement the thresholds
+    carry (module docstring)."""
     from cellclf.annotations.labelled_data import discover
     from cellclf.card import bundle_paths, load_card
     from cellclf.evaluation.evaluate import evaluate
     from cellclf.evaluation.gate_metrics import gated_rows
-    from cellclf.gate.conformal import fit_aps
-    from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
-    from cellclf.gate.temperature import ece, fit_temperature, softmax
-    from cellclf.gate.thresholds import fit_gate
-    from cellclf.outputs.atomic import atomic_write_json
+    from cellclf.gate.slide_guard import slide_ood_stats
 
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
@@ -68,35 +108,84 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
             "guarantee needs calibration slides the model never saw. Use other slides.")
     table, _ = evaluate(paths.root, data, None, workers=workers, progress=progress)
     logits, labels = gated_rows(table)
+    slide_of_cell = table.slide[table.detected].astype(str)
     if len(labels) == 0:
         raise CellclfError(f"{data}: no detected cells to calibrate on; {paths.root} is unchanged")
+    stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
+             for e in source.entries]
+    provenance = {
+        "data": str(data), "slides": [e.slide_id for e in source.entries],
+        "assumption": "the guarantee holds for slides exchangeable with these calibration "
+                      "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
+                      "whose stain or focus falls far outside them to review"}
+    return write_calibration(paths.root, logits, labels, stats, provenance, alpha=alpha,
+                             delta=delta, alpha_set=alpha_set, beta=beta,
+                             alpha_per_class=alpha_per_class, out=out,
+                             slide_of_cell=slide_of_cell, unit=unit)
+
+
+def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list, provenance: dict,
+                      *, alpha: float = 0.01, delta: float = 0.05, alpha_set: float = 0.1,
+                      beta: float | None = DEFAULT_BETA,
+                      alpha_per_class: dict[str, float] | None = None,
+                      out: str | Path | None = None, slide_of_cell: Any,
+                      unit: str = "auto") -> dict[str, Any]:
+    """Fit temperature, gate, conformal sets (on calibration ``logits``/``labels``) and the OOD
+    guard (on the slides' ``stats``) and write them into the bundle's card.json; ``provenance``
+    (data, slides, assumption) goes into its ``calibration`` section. Shared by
+    :func:`calibrate_bundle` and ``cellclf label --calibrate`` (held-aside labelled cells).
+    ``slide_of_cell`` names each cell's slide for the slide-level bound (required)."""
+    from cellclf.card import bundle_paths, load_card
+    from cellclf.gate.conformal import fit_aps
+    from cellclf.gate.slide_bound import fit_slide_gate
+    from cellclf.gate.slide_guard import fit_ood
+    from cellclf.gate.temperature import ece, fit_temperature, softmax
+    from cellclf.gate.thresholds import fit_gate
+    from cellclf.outputs.atomic import atomic_write_json
+
+    paths = bundle_paths(bundle)
+    card = load_card(paths.root)
     classes = list(card.classes)
-    check_usable_labels(labels, classes, card.other_class, data, paths.root)
+    check_usable_labels(labels, classes, card.other_class, provenance.get("data"), paths.root)
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
                     alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
+    slide_gate = fit_slide_gate(probs, labels, slide_of_cell, classes, alpha, delta,
+                                gate.n_tests or len(classes), alpha_per_class=alpha_per_class)
+    gate, unit = slide_level_gate(gate, slide_gate, unit)
+    slide_gate["unit"] = unit
+    slide_gate["established"] = unit == "slides"
+    if unit == "cells":
+        need = min(slide_gate["min_slides"].values())
+        slide_gate["statement"] = (
+            f"slide-level guarantee not established: {slide_gate['n_slides']} calibration "
+            f"slides, at least {need} are needed (α = {alpha:g}, δ = {delta:g} over "
+            f"{slide_gate['n_tests']} statements) even with no errors. The thresholds carry the "
+            "cell-level statement, which treats cells as independent draws and is optimistic "
+            "when slides differ (docs/gate.md, 'Slides as the unit').")
+        gate = dataclasses.replace(gate, guarantee=f"{gate.guarantee} Note: the "
+                                   f"{slide_gate['statement']}")
+    else:
+        slide_gate["statement"] = slide_gate["guarantee"]
     aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
-    stats = [slide_ood_stats(e.slide, card.mpp, mpp=e.mpp, workers=workers)
-             for e in source.entries]
     ood = fit_ood(stats)
     card_d = json.loads(paths.card.read_text())
     card_d["temperature"] = float(temperature)
     card_d["gate"] = gate.to_dict()
     card_d["conformal"] = aps.to_dict()
     card_d["ood"] = ood.to_dict()
+    card_d["gate_slides"] = slide_gate
     card_d["calibration"] = {
-        "data": str(data), "slides": [e.slide_id for e in source.entries],
+        **provenance,
         "n_cells": int(len(labels)), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
-        "alpha_set": alpha_set,
-        "assumption": "the guarantee holds for slides exchangeable with these calibration "
-                      "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
-                      "whose stain or focus falls far outside them to review"}
+        "alpha_set": alpha_set, "gate_unit": unit}
     write_calibrated_card(paths, card_d)
     summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
                "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
-               "n_cells": int(len(labels))}
+               "n_cells": int(len(labels)), "gate_slides": slide_gate,
+               "slides": list(provenance.get("slides", []))}
     if out is not None:
         atomic_write_json(Path(out) / "calibration.json", summary)
     return summary
@@ -144,3 +233,45 @@ def write_calibrated_card(paths: Any, card_d: dict[str, Any]) -> None:
     except BaseException:
         atomic_write_bytes(paths.card, old_bytes)  # model.onnx is replaced only on success
         raise
+def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, Any]:
+    """Raise the bundle's thresholds where the running audit shows they do not keep α.
+
+    ``review_npz``: ``cellclf audit --export-calibration`` output (stored calibrated probs,
+    agreed labels, slides, audit flags). Uses the card's α, δ and number of statements; each
+    class's threshold can only rise (:func:`cellclf.gate.audit_bound.refit_from_audit`). The
+    result is stored in the card's ``gate`` (``thresholds`` and ``refit_from_audit``).
+    """
+    import numpy as np
+
+    from cellclf.card import bundle_paths, load_card
+    from cellclf.gate.audit_bound import refit_from_audit
+
+    paths = bundle_paths(bundle)
+    card = load_card(paths.root)
+    if not card.gate:
+        raise CellclfError(f"{paths.root}: no calibrated gate to refit; run `cellclf calibrate "
+                           "--data SLIDES` first")
+    try:
+        data = np.load(review_npz)
+        probs, labels, slides, audit = (data["probs"], data["labels"], data["slides"],
+                                        data["audit"])
+        classes = [str(c) for c in data["classes"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise CellclfError(f"{review_npz}: not a `cellclf audit --export-calibration` file "
+                           f"({exc})") from None
+    if classes != list(card.classes):
+        raise CellclfError(f"{review_npz} holds classes {classes}, the model {list(card.classes)}:"
+                           " export the review store this model filled")
+    gate_d = dict(card.gate)
+    refit = refit_from_audit(probs, labels, slides, audit, classes, gate_d["thresholds"],
+                             float(gate_d["alpha"]), float(gate_d["delta"]),
+                             int(gate_d.get("n_tests") or len(classes)),
+                             gate_d.get("alpha_per_class") or {})
+    refit["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    refit["source"] = str(review_npz)
+    refit["previous_thresholds"] = dict(gate_d["thresholds"])
+    card_d = json.loads(paths.card.read_text())
+    card_d["gate"]["thresholds"] = refit["thresholds"]
+    card_d["gate"]["refit_from_audit"] = refit
+    write_calibrated_card(paths, card_d)  # the card also travels in model.onnx's metadata
+    return refit

@@ -28,9 +28,13 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
         bundle: Path = typer.Argument(..., help="Model bundle directory."),
-        data: Path = typer.Option(..., "--data", "-d",
+        data: Path = typer.Option(None, "--data", "-d",
                                   help="Calibration slides with truth (folder or manifest) the "
                                        "model never saw in training."),
+        from_review: Path = typer.Option(
+            None, "--from-review",
+            help="Instead of --data: raise the thresholds where the running audit shows they "
+                 "do not keep α (the .npz of `cellclf audit --export-calibration`)."),
         alpha: float = typer.Option(0.01, help="Maximum error rate among auto-accepted cells, per class."),
         alpha_class: list[str] = typer.Option(
             [], "--alpha-class", metavar="CLASS=VALUE", help="Per-class α override CLASS=VALUE (repeatable), "
@@ -44,6 +48,11 @@ def register(app: typer.Typer) -> None:
         alpha_set: float = typer.Option(0.1, "--alpha-set",
                                         help="Miscoverage of the reviewer's conformal label sets."),
         workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
+        gate_unit: str = typer.Option(
+            "auto", "--gate-unit",
+            help="Which statement the thresholds carry: slides (slide-level Learn-then-Test: "
+                 "holds for new slides; needs many calibration slides), cells (cells as "
+                 "independent draws), auto (slides when there are enough calibration slides)."),
     ) -> None:
         """Fit the temperature and the risk-controlled per-class thresholds (error bound per class,
         miss bound per target class) on calibration slides and store them in card.json
@@ -51,7 +60,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from cellclf.calibration.bundle_gate import PREVIOUS_CARD, calibrate_bundle
+        from cellclf.calibration.bundle_gate import (
+            PREVIOUS_CARD,
+            calibrate_bundle,
+            refit_from_review,
+        )
         from cellclf.model.engine import read_card
 
         for name, value in (("--alpha", alpha), ("--delta", delta), ("--alpha-set", alpha_set)):
@@ -61,9 +74,24 @@ def register(app: typer.Typer) -> None:
             raise OptionError(f"--beta must lie in [0, 1) (0 turns the miss bound off), got {beta}")
         read_card(bundle)  # a missing or invalid bundle is refused before reading any slide
 
+        if (data is None) == (from_review is None):
+            raise OptionError("give either --data SLIDES or --from-review FILE.npz")
+        if gate_unit not in ("auto", "cells", "slides"):
+            raise OptionError(f"--gate-unit must be auto, cells or slides, got {gate_unit!r}")
+        if from_review is not None:
+            r = refit_from_review(bundle, from_review)
+            typer.echo(f"refit from {r['n_audit_cells']} audited cells on {r['n_slides']} slides:")
+            for c, thr in r["thresholds"].items():
+                old = r["previous_thresholds"].get(c)
+                fmt = (lambda t: "—" if t is None else f"{t:.4f}")  # noqa: E731
+                note = r["notes"].get(c, "")
+                typer.echo(f"  {c}: {fmt(old)} → {fmt(thr)} ({r['n_audited'][c]} audited, "
+                           f"{r['n_errors'][c]} wrong) {note}".rstrip())
+            typer.echo(f"written to {bundle / 'card.json'}")
+            return
         s = calibrate_bundle(bundle, data, alpha=alpha, delta=delta, alpha_set=alpha_set,
                              workers=workers, beta=beta if beta > 0 else None,
-                             alpha_per_class=_alpha_overrides(alpha_class))
+                             alpha_per_class=_alpha_overrides(alpha_class), unit=gate_unit)
         gate = s["gate"]
         console = Console()
         console.print(f"temperature {s['temperature']:.3f}; ECE {s['ece_before']:.4f} → "
@@ -85,6 +113,16 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         for c, note in notes.items():
             console.print(f"{c}: {note}", soft_wrap=True, markup=False)
+        sg = s["gate_slides"]
+        console.print(f"calibration slides ({sg['n_slides']}): {', '.join(sg['slides'])}",
+                      soft_wrap=True, markup=False)
+        console.print(f"gate unit: {sg['unit']}. {sg['statement']}", soft_wrap=True,
+                      markup=False)
+        if not sg["established"]:
+            for c, n_need in sg["slides_needed_at_half_alpha"].items():
+                console.print(f"  {c}: slide-level needs ≥ {sg['min_slides'][c]} slides with no "
+                              f"errors, ≈ {n_need} when its accepted error runs at α/2",
+                              soft_wrap=True, markup=False)
         if all(t is None for t in gate["thresholds"].values()):
             console.print(f"[yellow]warning:[/] no class could be certified with "
                           f"{s['n_cells']} calibration cells: every cell will go to review. Add "

@@ -51,6 +51,23 @@ def register(app: typer.Typer) -> None:
         gpus: int = typer.Option(0, "--gpus", min=0,
                                  help="One worker per GPU on this machine, slides sharded (local "
                                       "Ray instance); 0 = no sharding."),
+        audit_rate: float = typer.Option(
+            0.02, "--audit-rate", min=0.0, max=1.0,
+            help="Share of each slide's auto-accepted cells sent to the review queue, unmarked "
+                 "and blind, for the running audit (reproducible per slide); 0 turns it off. "
+                 "See `cellclf audit`."),
+        blind_share: float = typer.Option(
+            0.1, "--blind-share", min=0.0, max=1.0,
+            help="Share of the other queued cells also shown blind (model answer hidden until "
+                 "the reviewer answers), so blind items do not give the audit away and "
+                 "`cellclf audit` can measure automation bias."),
+        site: str = typer.Option(None, "--site",
+                                 help="Site / scanner tag for the audit (default: the slide's "
+                                      "scanner vendor)."),
+        clinical_rules: Path = typer.Option(
+            None, "--clinical-rules",
+            help="YAML of clinical rules for the per-slide call (default "
+                 "configs/clinical_rules.yaml)."),
     ) -> None:
         """Find and classify cells on every slide; write per-slide results, a manifest and the
         review queue. Exit code 0: every slide done; 1: at least one slide failed (see
@@ -69,7 +86,9 @@ def register(app: typer.Typer) -> None:
         report = run_batch(slides, bundle, out, backend=backend, device=device, workers=workers,
                            overwrite=overwrite, review_db=review_db, mpp=mpp,
                            hpf_area_mm2=hpf_area, batch=batch, ray_address=ray, gpus=gpus,
-                           precision=precision, device_decode=gpu_decode)
+                           precision=precision, device_decode=gpu_decode,
+                           audit_rate=audit_rate, blind_share=blind_share, site=site,
+                           clinical_rules=str(clinical_rules) if clinical_rules else None)
         typer.echo(f"{report.done} done, {report.skipped} skipped (already done), "
                    f"{report.failed} failed — manifest: {out / 'manifest.csv'}")
         raise typer.Exit(report.exit_code)

@@ -72,6 +72,10 @@ def serve(
                                        "127.0.0.1 (TLS terminated there)."),
     lease_s: float = typer.Option(300, help="Seconds a reviewer holds a cell before it returns to "
                                   "the queue."),
+    blind_all: bool = typer.Option(False, "--blind-all",
+                                   help="Hide the model's answer for every cell until the "
+                                        "reviewer has answered (default: audit cells and a random "
+                                        "share of the others)."),
 ) -> None:
     from cellclf.review.app import serve as _serve
 
@@ -80,7 +84,7 @@ def serve(
         raise OptionError(f"--lease-s must be more than 0 seconds, got {lease_s}")
 
     _serve(db, host=host, port=port, secure_cookies=secure_cookies, lease_s=lease_s,
-           proxy_headers=proxy_headers)
+           proxy_headers=proxy_headers, blind_all=blind_all)
 
 
 @review_app.command("export", help="Write reviewed labels as QuPath GeoJSON, one file per slide "

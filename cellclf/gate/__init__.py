@@ -1,2 +1,2 @@
-"""Probabilities → decisions (pure maths): temperature, certified thresholds and their bounds,
-conformal sets, the slide guard."""
+"""Probabilities → decisions (pure maths): temperature, certified thresholds and their bounds
+(cells and slides as the unit), conformal sets, the slide guard, the running audit's bounds."""

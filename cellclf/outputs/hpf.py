@@ -65,3 +65,27 @@ def peak_hpf(xy0: np.ndarray, mpp: float, area_mm2: float = DEFAULT_HPF_AREA_MM2
 def density_per_mm2(count: int, tissue_area_mm2: float) -> float | None:
     """Cells per mm² of tissue; None when the tissue area is zero."""
     return count / tissue_area_mm2 if tissue_area_mm2 > 0 else None
+
+
+def field_centres(xy0: np.ndarray, radius_px: float, grid_step_fraction: float = 0.25) -> np.ndarray:
+    """Candidate HPF centres, as :func:`peak_hpf` uses them: every point plus a square grid of
+    step ``grid_step_fraction`` × radius over the points' bounding box; (0, 2) for no points."""
+    pts = np.asarray(xy0, dtype=np.float64).reshape(-1, 2)
+    if len(pts) == 0:
+        return pts
+    step = max(radius_px * grid_step_fraction, 1.0)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    gx = np.arange(lo[0], hi[0] + step, step)
+    gy = np.arange(lo[1], hi[1] + step, step)
+    return np.concatenate([pts, np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)])
+
+
+def field_counts(centres: np.ndarray, xy0: np.ndarray, radius_px: float) -> np.ndarray:
+    """Number of points within ``radius_px`` (inclusive) of each centre (int64, len(centres))."""
+    pts = np.asarray(xy0, dtype=np.float64).reshape(-1, 2)
+    if len(pts) == 0 or len(centres) == 0:
+        return np.zeros(len(centres), np.int64)
+    from scipy.spatial import cKDTree
+
+    return np.asarray(cKDTree(pts).query_ball_point(centres, r=radius_px, return_length=True),
+                      dtype=np.int64)

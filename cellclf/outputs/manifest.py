@@ -28,6 +28,8 @@ class ManifestRow:
     n_review: int = 0
     seconds: float = 0.0
     finished_at: str = ""
+    n_audited: int = 0  # auto-accepted cells queued for the running audit
+    clinical_call: str = ""  # "rule: status [low, high]; …" (summary.json has the details)
 
 
 FIELDS = [f.name for f in fields(ManifestRow)]
@@ -70,7 +72,9 @@ class Manifest:
                             reason=rec.get("reason") or "", n_cells=int(rec.get("n_cells") or 0),
                             n_review=int(rec.get("n_review") or 0),
                             seconds=float(rec.get("seconds") or 0.0),
-                            finished_at=rec.get("finished_at") or "")
+                            finished_at=rec.get("finished_at") or "",
+                            n_audited=int(rec.get("n_audited") or 0),
+                            clinical_call=rec.get("clinical_call") or "")
                         if not isinstance(row.slide_id, str) or row.status not in STATUSES:
                             raise ValueError(f"status {row.status!r}")
                         self.rows[row.slide_id] = row

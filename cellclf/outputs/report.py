@@ -79,6 +79,32 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return html.escape(str(v))
 
 
+def _hpf_text(hpf: dict) -> str:
+    return "–" if hpf.get("x") is None else f"({hpf['x']:.0f}, {hpf['y']:.0f})"
+
+
+def clinical_call_html(summary: dict) -> str:
+    """The clinical call table (the first thing a pathologist sees) and the audit line."""
+    e = html.escape
+    calls = summary.get("clinical_call") or []
+    colour = {"met": "#c33", "not met": "#282", "needs review": "#c80"}
+    rows = "".join(
+        f"<tr><td>{e(c['name'])}</td><td style='color:{colour.get(c['status'], '#222')}'>"
+        f"<b>{e(c['status'])}</b></td><td>{e(c['class'])} ≥ {c['threshold']}</td>"
+        f"<td>{c['interval'][0]}–{c['interval'][1]}</td>"
+        f"<td>{_hpf_text(c['hpf'])}</td><td class=muted>{e(c['reason'])}</td></tr>" for c in calls)
+    table = (f"<table><tr><th>rule</th><th>call</th><th>criterion (per HPF)</th>"
+             f"<th>peak count interval</th><th>HPF centre (level-0 px)</th><th>reason</th></tr>"
+             f"{rows}</table>" if calls else "<p>No clinical rules apply to this model.</p>")
+    audit = summary.get("audit") or {}
+    audit_html = (f"<p class=muted>Running audit: {audit.get('n_audited', 0)} auto-accepted "
+                  f"cells ({100 * audit.get('rate', 0):g} %) queued for blind review; "
+                  "<code>cellclf audit</code> reports the bound on the accepted error.</p>"
+                  if audit else "")
+    return (f"<h2>Clinical call</h2>{table}<p class=muted>The call is <i>met</i> or <i>not "
+            f"met</i> only when no pending review cell could change it.</p>{audit_html}")
+
+
 def render_report_html(summary: dict) -> str:
     e = html.escape
     counts = summary["counts"]
@@ -131,6 +157,7 @@ img{{max-width:100%;border:1px solid #ccc}}.muted{{color:#666;font-size:90%}}</s
 <h1>Slide {e(summary['slide_id'])}</h1>
 <p class=muted>{e(str(sl['path']))} · {sl['width']}×{sl['height']} px · {sl['mpp']:.3f} µm/px ·
 tissue {summary['tissue_area_mm2']:.2f} mm² · {summary['n_cells']:,} cells</p>
+{clinical_call_html(summary)}
 {ood_html}{status}
 <h2>Counts</h2>
 <table><tr><th>class</th><th>auto-accepted</th><th>to review</th><th>total (predicted)</th>

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.outputs.atomic import atomic_write_json
+from cellclf.outputs.clinical_call import Rule, clinical_calls, load_rules
 from cellclf.outputs.hpf import DEFAULT_HPF_AREA_MM2, density_per_mm2, peak_hpf
 from cellclf.outputs.slide_result import SlideResult
 
@@ -32,8 +33,23 @@ def count_table(result: SlideResult) -> dict[str, dict[str, int]]:
     return out
 
 
+def audit_summary(result: SlideResult) -> dict:
+    """The slide's running-audit state: rate, and per predicted class the auto-accepted cells
+    and how many of them were sent to the review queue as audit items."""
+    audited = result.audited if result.audited is not None else np.zeros(result.n_cells, bool)
+    pred = result.pred
+    per_class = {name: {"accepted": int((result.accept & (pred == k)).sum()),
+                        "audited": int((audited & (pred == k)).sum())}
+                 for k, name in enumerate(result.classes)}
+    return {"rate": result.audit_rate, "n_audited": int(audited.sum()), "per_class": per_class,
+            "note": "audited cells are a reproducible random sample of the auto-accepted cells, "
+                    "queued for review like any other; `cellclf audit --db URL` reports their "
+                    "errors and the bound on the accepted error"}
+
+
 def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
-                  hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2) -> dict:
+                  hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2,
+                  rules: list[Rule] | None = None) -> dict:
     counts = count_table(result)
     pred = result.pred
     per_mm2: dict[str, dict[str, float | None]] = {}
@@ -47,8 +63,13 @@ def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
             hotspots[name] = peak_hpf(result.xy0[pred == k], result.mpp, hpf_area_mm2).to_dict()
     reasons, reason_counts = np.unique(result.reason.astype(str), return_counts=True)
     n = result.n_cells
+    calls, skipped = clinical_calls(load_rules() if rules is None else rules, result.xy0, pred,
+                                    result.accept, list(result.classes), card.get("gate"),
+                                    result.mpp, hpf_area_mm2)
     return {
         "slide_id": result.slide_id,
+        "clinical_call": calls,
+        **({"clinical_call_skipped": skipped} if skipped else {}),
         "slide": {"path": result.path, "mpp": result.mpp, "width": result.width,
                   "height": result.height, "vendor": result.vendor},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -63,6 +84,7 @@ def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
             "reasons": {str(r): int(c) for r, c in zip(reasons, reason_counts, strict=True)},
             "ood": result.ood,
         },
+        "audit": audit_summary(result),
         "timings_s": result.timings_s,
         "versions": versions,
         "parameters": params,
@@ -80,8 +102,10 @@ def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -
     schema = pa.schema(
         [("cell_id", pa.int64()), ("x", pa.float64()), ("y", pa.float64()), ("class", pa.string())]
         + [(f"p_{c}", pa.float32()) for c in classes]
-        + [("decision", pa.string()), ("reason", pa.string()), ("conformal_set", pa.string())]
+        + [("decision", pa.string()), ("reason", pa.string()), ("conformal_set", pa.string()),
+           ("audit", pa.bool_())]
     )
+    audited = result.audited if result.audited is not None else np.zeros(result.n_cells, bool)
     names = np.asarray(classes, dtype=object)
     with pq.ParquetWriter(path, schema) as writer:
         for s in range(0, max(result.n_cells, 1), batch):
@@ -92,7 +116,8 @@ def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -
                     pa.array(names[pred[sl]].astype(str) if len(ids) else [], pa.string())]
             cols += [pa.array(result.probs[sl, k].astype(np.float32)) for k in range(len(classes))]
             cols += [pa.array(np.where(result.accept[sl], "accepted", "review").astype(str)),
-                     pa.array(result.reason[sl].astype(str)), pa.array(conf_sets, pa.string())]
+                     pa.array(result.reason[sl].astype(str)), pa.array(conf_sets, pa.string()),
+                     pa.array(audited[sl].astype(bool), pa.bool_())]
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
 
 
@@ -117,7 +142,8 @@ def write_cells_geojson(path: Path, result: SlideResult) -> int:
 
 
 def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: dict,
-                        versions: dict, hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2) -> Path:
+                        versions: dict, hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2,
+                        rules: list[Rule] | None = None) -> Path:
     """Write every output of one slide into ``out_dir/<slide_id>/`` atomically (temp dir + rename)."""
     from cellclf.outputs.report import write_overlay, write_report
 
@@ -132,7 +158,7 @@ def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: 
         with ThreadPoolExecutor(2, thread_name_prefix="cellclf-write") as pool:  # pyarrow, zlib
             jobs = [pool.submit(write_cells_parquet, tmp / "cells.parquet", result),  # and numpy
                     pool.submit(write_cells_geojson, tmp / "cells.geojson", result)]  # overlap
-            summary = build_summary(result, card, params, versions, hpf_area_mm2)
+            summary = build_summary(result, card, params, versions, hpf_area_mm2, rules)
             write_overlay(tmp / "overlay.png", result, summary)
             for job in jobs:
                 job.result()

@@ -30,6 +30,8 @@ class SlideResult:
     ood: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    audited: np.ndarray | None = None  # (N,) bool: auto-accepted cells sent to review as audit
+    audit_rate: float = 0.0
 
     @property
     def pred(self) -> np.ndarray:

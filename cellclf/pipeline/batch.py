@@ -24,7 +24,9 @@ from typing import Any
 from rich.markup import escape
 
 from cellclf.errors import CellclfError
+from cellclf.gate.audit_bound import DEFAULT_AUDIT_RATE, DEFAULT_BLIND_SHARE
 from cellclf.gate.slide_guard import OOD_ACTION
+from cellclf.outputs.clinical_call import load_rules
 from cellclf.outputs.manifest import Manifest, ManifestRow, slide_id_for
 from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, process_slide, utc_now
 from cellclf.versions import software_versions
@@ -83,9 +85,13 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
               review_db: str | None = None, mpp: float | None = None,
               hpf_area_mm2: float = 0.237, batch: int | None = None,
               console: Any = None, ray_address: str | None = None, gpus: int = 0,
-              precision: str = "fp32", device_decode: str = "auto") -> BatchReport:
+              precision: str = "fp32", device_decode: str = "auto",
+              audit_rate: float = DEFAULT_AUDIT_RATE, blind_share: float = DEFAULT_BLIND_SHARE,
+              site: str | None = None, clinical_rules: str | None = None) -> BatchReport:
     """Run every slide; ``ray_address`` (auto | local | host:port | ray://host:port) or ``gpus`` > 0
-    shards the slides over Ray workers (see :mod:`cellclf.pipeline.ray_workers`), else one local loop."""
+    shards the slides over Ray workers (see :mod:`cellclf.pipeline.ray_workers`), else one local loop.
+    ``audit_rate``: share of each slide's auto-accepted cells queued (blind, unmarked) for the
+    running audit; ``site`` tags them for ``cellclf audit``; ``clinical_rules``: rules YAML."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -99,6 +105,10 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     console = console or Console(stderr=True)
     if device_decode not in ("auto", "on", "off"):
         raise CellclfError(f"--gpu-decode must be auto, on or off, got {device_decode!r}")
+    if not 0.0 <= audit_rate <= 1.0 or not 0.0 <= blind_share <= 1.0:
+        raise CellclfError(f"--audit-rate and --blind-share must be in [0, 1], got {audit_rate} "
+                           f"and {blind_share}")
+    load_rules(clinical_rules)  # a bad rules file stops the run before any slide
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_slides(slides)
@@ -109,7 +119,8 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     job = SlideJob(out_dir=out_dir.resolve() if distributed else out_dir, model=str(model),
                    backend=backend, device=device, workers=workers, mpp=mpp,
                    hpf_area_mm2=hpf_area_mm2, batch=batch, precision=precision,
-                   device_decode=device_decode)
+                   device_decode=device_decode, audit_rate=audit_rate, blind_share=blind_share,
+                   site=site, clinical_rules=str(clinical_rules) if clinical_rules else None)
     if distributed:  # the workers load the engine; the driver only checks the model and store
         from cellclf.model.engine import read_card
 
@@ -177,7 +188,9 @@ def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: Batch
         console.print(f"[green]done[/] {sid}: {row.n_cells} cells, "
                       + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
                                   for k, v in counts.items() if k != "other")
-                      + f", {row.n_review} to review → {out_dir / sid / 'report.html'}")
+                      + f", {row.n_review} to review, {row.n_audited} audited"
+                      + (f"; {escape(row.clinical_call)}" if row.clinical_call else "")
+                      + f" → {out_dir / sid / 'report.html'}")
         if outcome.ood_reasons:
             console.print(f"[yellow]warning[/] {sid} looks unlike the calibration slides: "
                           + escape("; ".join(outcome.ood_reasons)) + f"; {OOD_ACTION}.",

@@ -11,7 +11,9 @@ parameter (any ``detect(tile_rgb, mpp) -> centres_px``; the classical one by def
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +92,26 @@ class HostStage:
         self.close()
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Lossless PNG of an RGB uint8 image: rows "Sub"-filtered with numpy, deflated by zlib at level
+    1 (which releases the GIL, so crops encode in parallel threads; the labelling rounds' crop
+    files); about twice Pillow's speed at the same size."""
+    a = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+    h, w = a.shape[:2]
+    flat = a.reshape(h, w * 3)
+    rows = np.empty((h, w * 3 + 1), np.uint8)
+    rows[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:], dtype=np.uint8, casting="unsafe")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
+
+
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
     """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL, so the
     review images encode in parallel threads): a fifth of the PNG size or less."""
@@ -157,7 +179,9 @@ def _context_jpeg(rgb: np.ndarray) -> bytes:
 def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray,
                  probs: np.ndarray, reason: np.ndarray, conformal: np.ndarray, crops: np.ndarray,
                  ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
-                 encode: Encode = _encode_here, *, image_mpp: float | None = None,
+                 encode: Encode = _encode_here, audit: np.ndarray | None = None,
+                 blind: np.ndarray | None = None, site: str | None = None, *,
+                 image_mpp: float | None = None,
                  slide_mpp: float | None = None) -> list[ReviewItem]:
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
     ``encode(encoder, images)`` maps an encoder (over a thread pool in ``run_slide``).
@@ -175,5 +199,6 @@ def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarra
         predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
         conformal_set=[c for k, c in enumerate(classes) if conformal[i, k]], reason=str(reason[i]),
         priority=float(priority[i]), crop_png=crop_jpeg[i], context_png=ctx_jpeg[i],
-        slide_path=slide_path, image_mpp=image_mpp, slide_mpp=slide_mpp)
-        for i in range(len(ids))]
+        slide_path=slide_path, audit=bool(audit is not None and audit[i]),
+        blind=bool(blind is not None and blind[i]), site=site, image_mpp=image_mpp,
+        slide_mpp=slide_mpp) for i in range(len(ids))]

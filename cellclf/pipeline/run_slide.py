@@ -23,6 +23,13 @@ import numpy as np
 from cellclf.card import Card
 from cellclf.detect.classical import detect_halo_um
 from cellclf.errors import ConfigError, ModelMismatchError
+from cellclf.gate.audit_bound import (
+    DEFAULT_AUDIT_RATE,
+    DEFAULT_BLIND_SHARE,
+    audit_mask,
+    audit_priority,
+    blind_mask,
+)
 from cellclf.gate.conformal import aps_sets
 from cellclf.gate.slide_guard import OODParams, is_ood, tissue_sample_stats
 from cellclf.gate.thresholds import GateParams, apply_gate, review_priority
@@ -50,6 +57,9 @@ class RunParams:
     stage: str = "auto"  # detect+crop+classify: "device" (torch engine's device), "host", or auto
     tiles_per_batch: int = 8  # tiles per device batch
     device_decode: str = "auto"  # JPEG decode on the device stage's device: auto | on | off
+    audit_rate: float = DEFAULT_AUDIT_RATE  # share of auto-accepted cells queued for the audit
+    blind_share: float = DEFAULT_BLIND_SHARE  # share of gated cells also reviewed blind
+    site: str | None = None  # site / scanner tag of the audit (default: the slide's vendor)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -66,11 +76,11 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         check_model_fits(reader.mpp, work_mpp, path, params.max_mpp_ratio)
         small, small_ds = tissue_thumbnail(reader)
         tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
-        thumb, thumb_ds = _overlay_thumbnail(reader, small, small_ds, 1600)
+        thumb, thumb_ds = overlay_thumbnail(reader, small, small_ds, 1600)
         halo_um = _halo_um(crop_px, work_mpp, with_review=on_review is not None)
         tiles = reader.grid(params.tile_um, halo_um, tissue, params.min_tissue_fraction)
         clock.lap("open_tissue_tiling")
-        ood = _ood_check(reader, tissue, card, params)
+        ood = ood_check(reader, tissue, card, params)
         clock.lap("ood_check")
         gate = SlideGate(card, ood_slide=ood["flagged"])
         cells = _Cells(len(gate.classes))
@@ -79,11 +89,15 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
             for batch in stage.run(tiles):
                 if len(batch):
                     accept, reason, conformal = gate(batch.probs)
-                    if review is not None and (~accept).any():
+                    ids = cells.n + np.arange(len(batch))
+                    audited = (audit_mask(slide_id, ids, accept, params.audit_rate)
+                               if review is not None else np.zeros(len(batch), bool))
+                    if review is not None and ((~accept) | audited).any():
                         _send_for_review(review, batch, cells.n, accept, reason, conformal,
-                                         slide_id, str(path.absolute()), gate.classes,
+                                         slide_id, str(path.absolute()), gate.classes, audited,
+                                         params.blind_share, params.site or reader.vendor,
                                          (work_mpp, reader.mpp))
-                    cells.add(batch.xy0, batch.probs, accept, reason, conformal)
+                    cells.add(batch.xy0, batch.probs, accept, reason, conformal, audited)
                 if progress:
                     progress(cells.tiles_done(batch.tiles_done), len(tiles))
         clock.lap("read_detect_classify")
@@ -92,7 +106,8 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         slide_id=slide_id, path=str(path), mpp=reader.mpp, width=reader.width,
         height=reader.height, vendor=reader.vendor, classes=gate.classes, **cells.arrays(),
         tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
-        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info})
+        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info},
+        audit_rate=params.audit_rate if on_review is not None else 0.0)
 
 
 def check_model_fits(slide_mpp: float, model_mpp: float, path: Path, max_ratio: float) -> None:
@@ -133,14 +148,14 @@ class _Cells:
 
     k: int
     parts: dict[str, list[np.ndarray]] = field(default_factory=lambda: {
-        "xy0": [], "probs": [], "accept": [], "reason": [], "conformal": []})
+        "xy0": [], "probs": [], "accept": [], "reason": [], "conformal": [], "audited": []})
     n: int = 0
     tiles: int = 0
 
     def add(self, xy0: np.ndarray, probs: np.ndarray, accept: np.ndarray, reason: np.ndarray,
-            conformal: np.ndarray) -> None:
+            conformal: np.ndarray, audited: np.ndarray) -> None:
         for key, value in zip(self.parts, (xy0, probs.astype(np.float32), accept, reason,
-                                           conformal), strict=True):
+                                           conformal, audited), strict=True):
             self.parts[key].append(value)
         self.n += len(xy0)
 
@@ -151,7 +166,7 @@ class _Cells:
     def arrays(self) -> dict[str, np.ndarray]:
         empty = {"xy0": ((0, 2), np.float64), "probs": ((0, self.k), np.float32),
                  "accept": ((0,), bool), "reason": ((0,), object),
-                 "conformal": ((0, self.k), bool)}
+                 "conformal": ((0, self.k), bool), "audited": ((0,), bool)}
         return {key: np.concatenate(xs) if xs else np.zeros(*empty[key])
                 for key, xs in self.parts.items()}
 
@@ -176,7 +191,7 @@ def _halo_um(crop_px: int, work_mpp: float, with_review: bool) -> float:
                crop_halo_um(REVIEW_CONTEXT_PX, work_mpp) if with_review else 0.0)
 
 
-def _ood_check(reader: TileReader, tissue: Any, card: Card, params: RunParams) -> dict[str, Any]:
+def ood_check(reader: TileReader, tissue: Any, card: Card, params: RunParams) -> dict[str, Any]:
     """The slide's stain/focus statistics against the card's OOD envelope (when it has one)."""
     if not card.get("ood"):
         return {"flagged": False, "reasons": []}
@@ -185,7 +200,7 @@ def _ood_check(reader: TileReader, tissue: Any, card: Card, params: RunParams) -
     return {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
 
 
-def _overlay_thumbnail(reader: TileReader, small: np.ndarray, small_ds: float,
+def overlay_thumbnail(reader: TileReader, small: np.ndarray, small_ds: float,
                        max_px: int) -> tuple[np.ndarray, float]:
     """The overlay's thumbnail: the tissue thumbnail shrunk when it is large enough, else a read."""
     if max(small.shape[:2]) < max_px:
@@ -228,13 +243,21 @@ def _review_writer(on_review: Callable[[list[ReviewItem]], None] | None,
 
 def _send_for_review(review: ReviewWriter, batch: CellBatch, first_id: int, accept: np.ndarray,
                      reason: np.ndarray, conformal: np.ndarray, slide_id: str, slide_path: str,
-                     classes: list[str], mpps: tuple[float, float]) -> None:
-    """Queue the gated cells of a batch (cell ids continue from ``first_id``) for review;
-    ``mpps``: (µm/px of the review images, the slide's level-0 µm/px)."""
-    rows = np.flatnonzero(~accept)
+                     classes: list[str], audited: np.ndarray, blind_share: float,
+                     site: str | None, mpps: tuple[float, float]) -> None:
+    """Queue the gated cells and the audit sample of a batch (cell ids continue from
+    ``first_id``) for review. Audit cells look like any other queued cell: a queue reason, a
+    priority spread uniformly (their own confidence would serve them last), blind. ``mpps``:
+    (µm/px of the review images, the slide's level-0 µm/px)."""
+    rows = np.flatnonzero((~accept) | audited)
     crops, ctx = batch.review_images(rows)
     probs = batch.probs[rows]
-    args = (slide_id, slide_path, first_id + rows, batch.xy0[rows], probs, reason[rows],
-            conformal[rows], crops, ctx, classes, review_priority(probs))
-    review.submit(lambda encode: review_items(*args, encode=encode, image_mpp=mpps[0],
-                                              slide_mpp=mpps[1]))
+    ids = first_id + rows
+    audit = audited[rows]
+    shown_reason = np.where(audit, "low_confidence", reason[rows])
+    priority = np.where(audit, audit_priority(slide_id, ids), review_priority(probs))
+    blind = audit | blind_mask(slide_id, ids, blind_share)
+    args = (slide_id, slide_path, ids, batch.xy0[rows], probs, shown_reason,
+            conformal[rows], crops, ctx, classes, priority)
+    review.submit(lambda encode: review_items(*args, encode=encode, audit=audit, blind=blind,
+                                              site=site, image_mpp=mpps[0], slide_mpp=mpps[1]))

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.errors import CellclfError, os_error_message
+from cellclf.gate.audit_bound import DEFAULT_AUDIT_RATE, DEFAULT_BLIND_SHARE
+from cellclf.outputs.clinical_call import load_rules, manifest_text
 from cellclf.outputs.manifest import ManifestRow
 from cellclf.outputs.results import count_table, write_slide_results
 from cellclf.pipeline.run_slide import RunParams, run_slide
@@ -31,6 +33,10 @@ class SlideJob:
     batch: int | None = None
     precision: str = "fp32"
     device_decode: str = "auto"  # auto | on | off: JPEG decoding on the GPU (device stage)
+    audit_rate: float = DEFAULT_AUDIT_RATE  # share of auto-accepted cells queued for the audit
+    blind_share: float = DEFAULT_BLIND_SHARE  # share of gated cells reviewed blind as well
+    site: str | None = None  # audit site / scanner tag (default: the slide's vendor)
+    clinical_rules: str | None = None  # YAML of clinical rules (default configs/clinical_rules.yaml)
 
 
 @dataclass
@@ -54,7 +60,8 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
     card = engine.card
     params = RunParams(workers=job.workers, mpp_override=job.mpp,
                        batch=job.batch or getattr(engine, "batch", 512),
-                       device_decode=job.device_decode)
+                       device_decode=job.device_decode, audit_rate=job.audit_rate,
+                       blind_share=job.blind_share, site=job.site)
     run_params = params.to_dict() | {"backend": engine.backend, "device": job.device,
                                      "precision": job.precision, "model": job.model,
                                      "hpf_area_mm2": job.hpf_area_mm2}
@@ -68,10 +75,14 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         result = run_slide(path, engine, card, slide_id=slide_id, params=params,
                            on_review=add_review, progress=progress)
         _fault(f"before_results:{index}")
-        write_slide_results(job.out_dir, result, card, run_params, versions, job.hpf_area_mm2)
+        final = write_slide_results(job.out_dir, result, card, run_params, versions,
+                                    job.hpf_area_mm2, load_rules(job.clinical_rules))
         _fault(f"before_manifest:{index}")
+        calls = _read_calls(final)
         row = ManifestRow(slide_id, str(path), "done", "", result.n_cells,
-                          int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now())
+                          int((~result.accept).sum()), round(time.perf_counter() - t0, 3), utc_now(),
+                          n_audited=int(result.audited.sum()) if result.audited is not None else 0,
+                          clinical_call=manifest_text(calls))
         ood = result.ood or {}
         return SlideOutcome(row, count_table(result),
                             list(ood.get("reasons", [])) if ood.get("flagged") else None)
@@ -79,6 +90,12 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
         reason = (str(exc) if isinstance(exc, CellclfError) else os_error_message(exc)
                   if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
         return SlideOutcome.failed(slide_id, str(path), reason, round(time.perf_counter() - t0, 3))
+
+
+def _read_calls(slide_dir: Path) -> list[dict]:
+    import json
+
+    return json.loads((Path(slide_dir) / "summary.json").read_text()).get("clinical_call", [])
 
 
 def open_store(url: str, card: dict) -> Any:

@@ -61,21 +61,27 @@ class LabelIn(BaseModel):
     predicted: str | None = None
 
 
-def item_json(item: Item | None, native: bool = False) -> dict[str, Any] | None:
-    """An item for the page; ``native``: the slide is reachable, so the views at its level-0
-    resolution are offered (``native_*_url`` at ``native_mpp`` µm/px), with the stored images
-    (``*_url`` at ``image_mpp``) as the fallback."""
+def item_json(item: Item | None, blind_all: bool = False,
+              native_mpp: float | None = None) -> dict[str, Any] | None:
+    """An item for the browser. Blind review: while the reviewer has not answered a blind item
+    (audit items, a random share of the others, or every item with ``blind_all``), the model's
+    label, probabilities, conformal set and reason are left out; the label call reveals them.
+    ``native_mpp``: the slide is reachable, so the views at its level-0 resolution (that many
+    µm/px) are offered as ``native_*_url``, with the stored images (``*_url`` at ``image_mpp``)
+    as the fallback."""
     if item is None:
         return None
-    views: dict[str, Any] = {"image_mpp": item.image_mpp, "native_mpp": None}
-    if native:
-        views.update(native_mpp=item.slide_mpp,
-                     native_crop_url=f"/api/items/{item.id}/crop/native.jpg",
+    hidden = (item.blind or blind_all) and item.label is None
+    views: dict[str, Any] = {"image_mpp": item.image_mpp, "native_mpp": native_mpp}
+    if native_mpp is not None:
+        views.update(native_crop_url=f"/api/items/{item.id}/crop/native.jpg",
                      native_context_url=f"/api/items/{item.id}/context/native.jpg")
     return {**views, "id": item.id, "slide_id": item.slide_id, "cell_id": item.cell_id,
-            "x": round(item.x, 1), "y": round(item.y, 1), "predicted": item.predicted,
-            "top": [[c, round(p, 4)] for c, p in item.top(3)],
-            "conformal_set": item.conformal_set, "reason": item.reason,
+            "x": round(item.x, 1), "y": round(item.y, 1),
+            "predicted": None if hidden else item.predicted,
+            "top": [] if hidden else [[c, round(p, 4)] for c, p in item.top(3)],
+            "conformal_set": [] if hidden else item.conformal_set,
+            "reason": None if hidden else item.reason, "blind": hidden,
             "priority": round(item.priority, 4), "label": item.label,
             "crop_url": f"/api/items/{item.id}/crop.png",
             "context_url": f"/api/items/{item.id}/context.png"}
@@ -88,8 +94,11 @@ def _safe_next(path: str | None) -> str:
 
 
 def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
-               lease_s: float = 300) -> FastAPI:
+               lease_s: float = 300, blind_all: bool = False) -> FastAPI:
     """The ASGI app over ``store`` (a store or its URL).
+
+    ``blind_all``: hide the model's answer for every cell until the reviewer has answered (by
+    default only blind items are: audit items and a random share of the others).
 
     ``secure_cookies``: None marks the cookie Secure when the request came over https (use
     uvicorn's ``--proxy-headers`` behind a TLS proxy); True/False force it.
@@ -102,7 +111,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     natives = app.state.native_views = NativeViews()
 
     def as_json(item: Item | None) -> dict[str, Any] | None:
-        return item_json(item, native=item is not None and natives.available(item))
+        return item_json(item, blind_all, None if item is None else natives.native_mpp(item))
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
@@ -153,7 +162,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         return s
 
     def page(request: Request, name: str, s: auth.Session | None, **ctx: Any) -> HTMLResponse:
-        ctx.update(user=s, classes=st.classes, labels=st.labels)
+        ctx.update(user=s, classes=st.classes, labels=st.labels, mode=st.mode)
         return templates.TemplateResponse(request, name, ctx)
 
     # ---------------------------------------------------------------- login / logout
@@ -202,7 +211,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         items = st.queue(slide, predicted, limit=QUEUE_PAGE_ROWS + 1)
         return page(request, "queue.html", s, slide=slide, predicted=predicted,
                     items=items[:QUEUE_PAGE_ROWS], more=len(items) > QUEUE_PAGE_ROWS,
-                    page_rows=QUEUE_PAGE_ROWS, slides=st.progress_by_slide(),
+                    page_rows=QUEUE_PAGE_ROWS, slides=st.progress_by_slide(), blind_all=blind_all,
                     total=st.progress(slide, predicted), required=st.required_reviews)
 
     @app.get("/review", response_class=HTMLResponse)
@@ -240,10 +249,12 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
     @app.post("/api/items/{item_id}/label")
     def api_label(item_id: int, body: LabelIn, s: auth.Session = Depends(csrf)) -> dict:
-        audit_id = st.label(s.user, item_id, body.label)
+        audit_id = st.label(s.user, item_id, body.label, blind_all=blind_all)
         nxt = (st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s)
                if body.next else None)
+        # the labelled cell with the model's answer revealed (it was hidden in blind review)
         return {"audit_id": audit_id, "item": as_json(nxt),
+                "revealed": item_json(st.get(item_id, s.user)),
                 "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/release")
@@ -295,12 +306,12 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
 
 def serve(db: str, host: str = "127.0.0.1", port: int = 8000, secure_cookies: bool | None = None,
-          lease_s: float = 300, proxy_headers: bool = False) -> None:
+          lease_s: float = 300, proxy_headers: bool = False, blind_all: bool = False) -> None:
     """Run the review app with uvicorn until interrupted (``cellclf review serve``)."""
     import uvicorn
 
     store = ReviewStore(db)
-    app = create_app(store, secure_cookies=secure_cookies, lease_s=lease_s)
+    app = create_app(store, secure_cookies=secure_cookies, lease_s=lease_s, blind_all=blind_all)
     uvicorn.run(app, host=host, port=port, proxy_headers=proxy_headers, log_level="info",
                 forwarded_allow_ips="127.0.0.1" if proxy_headers else None)
 

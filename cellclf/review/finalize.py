@@ -15,6 +15,7 @@ from typing import Any
 
 from cellclf.errors import AnnotationError
 from cellclf.outputs.atomic import atomic_write_json
+from cellclf.outputs.clinical_call import calls_after_review
 from cellclf.review.store import CANT_TELL, FinalLabel, ReviewStore, ReviewStoreError, open_store
 
 
@@ -45,6 +46,22 @@ def final_section(counts: dict[str, dict[str, int]], finals: Sequence[FinalLabel
     return {"counts": final_counts, "reviewed": reviewed, "pending": pending,
             "cant_tell": n_cant, "reviewed_as": reviewed_as, "complete": pending == 0,
             "updated_at": updated_at}
+
+
+def _update_clinical_call(slide_dir: Path, summary: dict[str, Any],
+                          finals: Sequence[FinalLabel]) -> None:
+    """Recompute the clinical call with the agreed labels (the call at inference time is kept
+    as ``clinical_call_at_inference``); needs the slide's cells.parquet."""
+    cells_path = slide_dir / "cells.parquet"
+    if not summary.get("clinical_call") or not cells_path.is_file():
+        return
+    import pyarrow.parquet as pq
+
+    cells = pq.read_table(cells_path, columns=["cell_id", "x", "y", "class",
+                                                "decision"]).to_pydict()
+    done = {f.cell_id: f.label for f in finals if f.status == "done" and f.label}
+    summary.setdefault("clinical_call_at_inference", summary["clinical_call"])
+    summary["clinical_call"] = calls_after_review(summary, cells, done)
 
 
 def finalize_results(store: ReviewStore | str, results_dir: str | Path,
@@ -84,6 +101,7 @@ def finalize_results(store: ReviewStore | str, results_dir: str | Path,
     for path, summary, slide_id, finals in checked:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         summary["final"] = final_section(summary["counts"], finals, now)
+        _update_clinical_call(path.parent, summary, finals)
         atomic_write_json(path, summary)
         if report:
             from cellclf.outputs.report import write_report

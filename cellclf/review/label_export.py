@@ -63,7 +63,7 @@ def export_labels(store: ReviewStore | str, out_dir: str | Path,
                 f"slides {used[stem]!r} and {slide_id!r} map to the same export file "
                 f"{stem}.geojson; rename one slide id in the store")
         used[stem] = slide_id
-        finals = st.final_labels(slide_id)
+        finals = st.final_labels(slide_id, include_audit=True)  # audit cells are labelled too
         points = []
         t = {"file": f"{stem}.geojson", "written": 0, "labelled": 0, "cant_tell": 0,
              "pending": 0, "disputed": 0}

@@ -53,21 +53,22 @@ class NativeViews:
 
     def __init__(self, max_open: int = OPEN_SLIDES) -> None:
         self.max_open = max_open
-        self._open: OrderedDict[tuple[str, float, float], Slide] = OrderedDict()
+        self._open: OrderedDict[tuple[str, float, float], Slide] = OrderedDict()  # path, mtime, mpp
         self._unreadable: set[tuple[str, float, float]] = set()  # not retried until it changes
         self._lock = threading.Lock()
 
     def slide_for(self, item: Item) -> Slide | None:
-        """The item's slide, open; None when the item predates pixel sizes or the slide file is
-        not reachable or not readable here."""
-        if not item.slide_path or item.slide_mpp is None or item.image_mpp is None:
+        """The item's slide, open (at the recorded ``slide_mpp``, else the file's own pixel size);
+        None when the item predates pixel sizes or the slide file is not reachable or not readable
+        here."""
+        if not item.slide_path or item.image_mpp is None:
             return None
         path = Path(item.slide_path)
         try:
             stat = path.stat()
         except OSError:
             return None
-        key = (str(path), stat.st_mtime, float(item.slide_mpp))
+        key = (str(path), stat.st_mtime, float(item.slide_mpp or 0.0))
         with self._lock:
             slide = self._open.get(key)
             if slide is not None:
@@ -85,16 +86,18 @@ class NativeViews:
                 self._open.popitem(last=False)[1].close()
             return slide
 
-    def available(self, item: Item) -> bool:
-        return self.slide_for(item) is not None
+    def native_mpp(self, item: Item) -> float | None:
+        """The µm/px of the item's native views; None when the slide is not reachable."""
+        slide = self.slide_for(item)
+        return None if slide is None else slide.mpp
 
     def view_jpeg(self, item: Item, stored: bytes) -> bytes | None:
         """The field of view of the ``stored`` image at the slide's level-0 resolution, as JPEG;
         None when the slide is not reachable."""
         slide = self.slide_for(item)
-        if slide is None or item.image_mpp is None or item.slide_mpp is None:
+        if slide is None or item.image_mpp is None:
             return None
-        side = native_side_px(image_side_px(stored), item.image_mpp, item.slide_mpp)
+        side = native_side_px(image_side_px(stored), item.image_mpp, slide.mpp)
         if side > MAX_NATIVE_SIDE_PX:
             return None
         x0, y0 = native_box(item.x, item.y, side)

@@ -22,6 +22,7 @@ class StoreQueries:
     ``required_reviews`` from the store."""
 
     required_reviews: int
+    classes: list[str]
     clock: Callable[[], float]
     _tx: Callable[..., AbstractContextManager[Connection]]
     _item: Callable[..., Item]
@@ -79,6 +80,13 @@ class StoreQueries:
         return {"total": int(total), "done": int(done), "pending": int(total) - int(done),
                 "claimed": int(claimed)}
 
+    def item_keys(self) -> list[tuple[str, int, str]]:
+        """``(slide_id, cell_id, reason)`` of every queued cell, labelled or not."""
+        it = S.items
+        with self._tx() as c:
+            return [(r[0], int(r[1]), r[2]) for r in
+                    c.execute(sa.select(it.c.slide_id, it.c.cell_id, it.c.reason))]
+
     def progress_by_slide(self) -> list[dict[str, Any]]:
         it = S.items
         done = sa.func.sum(sa.case((it.c.needs_review == 0, 1), else_=0))
@@ -105,12 +113,17 @@ class StoreQueries:
                 out.setdefault(item_id, {})[reviewer] = label
         return out
 
-    def final_labels(self, slide_id: str) -> list[FinalLabel]:
-        """Every queued cell of ``slide_id`` with its review outcome (see :func:`consensus`)."""
+    def final_labels(self, slide_id: str, include_audit: bool = False) -> list[FinalLabel]:
+        """Every queued cell of ``slide_id`` with its review outcome (see :func:`consensus`).
+
+        Audit items (auto-accepted cells sampled for the running audit) are already counted as
+        accepted; they are left out unless ``include_audit``."""
         votes = self.current_votes(slide_id)
+        q = sa.select(S.items).where(S.items.c.slide_id == slide_id)
+        if not include_audit:
+            q = q.where(S.items.c.audit == 0)
         with self._tx() as c:
-            rows = c.execute(sa.select(S.items).where(S.items.c.slide_id == slide_id)
-                             .order_by(S.items.c.cell_id)).all()
+            rows = c.execute(q.order_by(S.items.c.cell_id)).all()
         out = []
         for r in rows:
             v = votes.get(r.id, {})
@@ -118,6 +131,58 @@ class StoreQueries:
             out.append(FinalLabel(r.id, r.slide_id, r.cell_id, r.x, r.y, r.predicted, label,
                                   status, v))
         return out
+
+    def audited_cells(self, site: str | None = None) -> list[dict[str, Any]]:
+        """The running audit's cells with their review outcome: ``slide_id``, ``site``,
+        ``predicted`` and ``label``/``status`` (from :func:`consensus`); ``site`` filters."""
+        it = S.items
+        q = sa.select(it.c.id, it.c.slide_id, it.c.site, it.c.predicted).where(it.c.audit == 1)
+        if site is not None:
+            q = q.where(it.c.site == site)
+        votes = self.current_votes()
+        with self._tx() as c:
+            rows = c.execute(q.order_by(it.c.id)).all()
+        out = []
+        for r in rows:
+            label, status = consensus(list(votes.get(r.id, {}).values()), self.required_reviews)
+            out.append({"slide_id": r.slide_id, "site": r.site, "predicted": r.predicted,
+                        "label": label, "status": status})
+        return out
+
+    def labelled_cells(self) -> list[dict[str, Any]]:
+        """Every queued cell with an agreed class label (status done, not can't-tell): its
+        slide, stored probabilities, label and whether it was an audit item — the data path for
+        refitting the gate from review (audit cells stand for the auto-accepted cells, weight
+        1 / audit rate; gated cells for themselves)."""
+        import json
+
+        it = S.items
+        votes = self.current_votes()
+        with self._tx() as c:
+            rows = c.execute(sa.select(it.c.id, it.c.slide_id, it.c.probs, it.c.audit,
+                                       it.c.site).order_by(it.c.id)).all()
+        out = []
+        for r in rows:
+            label, status = consensus(list(votes.get(r.id, {}).values()), self.required_reviews)
+            if status == "done" and label in (self.classes or []):
+                out.append({"slide_id": r.slide_id, "probs": json.loads(r.probs),
+                            "label": label, "audit": bool(r.audit), "site": r.site})
+        return out
+
+    def first_answers(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Each reviewer's first answer per cell: ``reviewer``, ``label``, ``predicted``,
+        ``blind`` (answered without seeing the model; None before schema v3) and ``audit``."""
+        L, it = S.labels, S.items
+        first = (sa.select(sa.func.min(L.c.id).label("id")).where(L.c.action == "label")
+                 .group_by(L.c.item_id, L.c.reviewer).subquery())
+        q = (sa.select(L.c.reviewer, L.c.label, L.c.blind, it.c.predicted, it.c.audit)
+             .select_from(first.join(L, L.c.id == first.c.id).join(it, it.c.id == L.c.item_id)))
+        if site is not None:
+            q = q.where(it.c.site == site)
+        with self._tx() as c:
+            return [{"reviewer": r.reviewer, "label": r.label, "predicted": r.predicted,
+                     "blind": None if r.blind is None else bool(r.blind),
+                     "audit": bool(r.audit)} for r in c.execute(q)]
 
     def audit(self, reviewer: str | None = None) -> list[dict[str, Any]]:
         """All audit rows (oldest first), optionally for one reviewer."""

@@ -16,9 +16,14 @@ Version history:
    whose current label is set, back-filled from the audit) and ``items.needs_review`` (1 while
    the cell needs more labels), ``labels.action`` / ``labels.undoes`` (undo is itself an audit
    row) and the indexes the queue (priority order per filter) and the audit lookups need.
-3. native-resolution review: ``items.image_mpp`` (µm per pixel of the stored crop and context
+3. running audit and blind review: ``items.audit`` (1: an auto-accepted cell sampled by
+   ``cellclf infer --audit-rate``; it looks like any other item to the reviewer), ``items.blind``
+   (1: the model's answer is hidden until the reviewer has answered), ``items.site`` (site or
+   scanner tag for ``cellclf audit``) and ``labels.blind`` (1: this label was given without
+   seeing the model's answer, 0: after seeing it, NULL: undo rows and labels from before v3).
+4. native-resolution review: ``items.image_mpp`` (µm per pixel of the stored crop and context
    images) and ``items.slide_mpp`` (the slide's level-0 µm per pixel as inference read it, so the
-   app can cut native-resolution views from the slide); NULL for cells queued before version 3.
+   app can cut native-resolution views from the slide); NULL for cells queued before version 4.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cellclf.errors import CellclfError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class ReviewStoreError(CellclfError):
@@ -67,6 +72,9 @@ items = sa.Table(
     sa.Column("lease_until", sa.Float, nullable=True),     # epoch seconds
     sa.Column("n_labels", sa.Integer, nullable=False, server_default="0"),
     sa.Column("needs_review", sa.Integer, nullable=False, server_default="1"),  # 1: in the queue
+    sa.Column("audit", sa.Integer, nullable=False, server_default="0"),  # 1: audit sample
+    sa.Column("blind", sa.Integer, nullable=False, server_default="0"),  # 1: model hidden first
+    sa.Column("site", sa.String(128), nullable=True),                    # site / scanner tag
     sa.Column("image_mpp", sa.Float, nullable=True),       # µm/px of the stored images
     sa.Column("slide_mpp", sa.Float, nullable=True),       # the slide's level-0 µm/px
     sa.UniqueConstraint("slide_id", "cell_id", name="uq_items_slide_cell"),
@@ -88,6 +96,7 @@ labels = sa.Table(
     sa.Column("previous_label", sa.String(64), nullable=True),
     sa.Column("action", sa.String(16), nullable=False, server_default="label"),  # label | undo
     sa.Column("undoes", sa.Integer, nullable=True),         # audit id this undo row reverts
+    sa.Column("blind", sa.Integer, nullable=True),          # 1: given without seeing the model
 )
 users = sa.Table(
     "users", metadata,
@@ -237,6 +246,15 @@ def _v2(conn: Connection) -> None:
 
 
 def _v3(conn: Connection) -> None:
+    """Running audit and blind review: items.audit, items.blind, items.site, labels.blind."""
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN audit INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN blind INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN site VARCHAR(128)")
+    conn.exec_driver_sql("ALTER TABLE labels ADD COLUMN blind INTEGER")
+    conn.exec_driver_sql("CREATE INDEX ix_items_audit ON items (audit, predicted)")
+
+
+def _v4(conn: Connection) -> None:
     """The pixel sizes the app needs for scale bars and native-resolution views."""
     conn.exec_driver_sql("ALTER TABLE items ADD COLUMN image_mpp FLOAT")
     conn.exec_driver_sql("ALTER TABLE items ADD COLUMN slide_mpp FLOAT")
@@ -245,7 +263,8 @@ def _v3(conn: Connection) -> None:
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "queue, images, append-only label audit", _v1),
     (2, "accounts, sessions, double review, queue indexes", _v2),
-    (3, "pixel sizes of the review images and of the slide", _v3),
+    (3, "running audit, blind review, site tag", _v3),
+    (4, "pixel sizes of the review images and of the slide", _v4),
 ]
 
 

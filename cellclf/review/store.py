@@ -32,6 +32,8 @@ from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
     DEFAULT_CLASSES,
+    MODES,
+    NOT_A_CELL,
     REASONS,
     FinalLabel,
     Item,
@@ -41,7 +43,7 @@ from cellclf.review.types import (
     image_media_type,
 )
 
-__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "REASONS", "FinalLabel", "Item", "LeaseError",
+__all__ = ["CANT_TELL", "DEFAULT_CLASSES", "NOT_A_CELL", "REASONS", "FinalLabel", "Item", "LeaseError",
            "ReviewItem", "ReviewStore", "ReviewStoreError", "consensus", "open_store"]
 
 
@@ -83,7 +85,8 @@ class ReviewStore(StoreQueries):
                 f"review store {url} holds classes {self.classes}, not {list(classes)}; use a new "
                 "store for a model with other classes")
         self.required_reviews = int(stored.get("required_reviews", "1"))
-        self.labels: list[str] = [*self.classes, CANT_TELL]
+        self.mode: str = stored.get("mode", "review")
+        self.labels: list[str] = self._labels_for(self.classes, self.mode)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -103,9 +106,25 @@ class ReviewStore(StoreQueries):
 
     @staticmethod
     def _check_classes(cls: list[str]) -> None:
-        if not cls or len(set(cls)) != len(cls) or CANT_TELL in cls:
+        if not cls or len(set(cls)) != len(cls) or {CANT_TELL, NOT_A_CELL} & set(cls):
             raise ReviewStoreError(f"invalid class list {cls}: names must be unique, non-empty "
-                                   f"and not {CANT_TELL!r}")
+                                   f"and not {CANT_TELL!r} or {NOT_A_CELL!r}")
+
+    @staticmethod
+    def _labels_for(classes: list[str], mode: str) -> list[str]:
+        """The labels a reviewer may give: the classes, can't tell, and in labelling mode also
+        not a cell."""
+        return [*classes, CANT_TELL] + ([NOT_A_CELL] if mode == "labelling" else [])
+
+    def set_mode(self, mode: str) -> None:
+        """``review`` (gated cells of inference) or ``labelling`` (``cellclf label`` projects:
+        cells chosen for labelling, with the extra label ``not_a_cell``)."""
+        if mode not in MODES:
+            raise ReviewStoreError(f"unknown review store mode {mode!r}: use one of {MODES}")
+        with self._tx(write=True) as c:
+            self._set_meta(c, "mode", mode)
+        self.mode = mode
+        self.labels = self._labels_for(self.classes, mode)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -127,7 +146,7 @@ class ReviewStore(StoreQueries):
                     f"use a new store for classes {cls}")
             self._set_meta(c, "classes", json.dumps(cls))
         self.classes = cls
-        self.labels = [*cls, CANT_TELL]
+        self.labels = self._labels_for(cls, self.mode)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -182,8 +201,9 @@ class ReviewStore(StoreQueries):
                                                                it.probs.items()}),
                      conformal_set=json.dumps(list(it.conformal_set)), reason=it.reason,
                      priority=float(it.priority), slide_path=it.slide_path, created_at=now,
-                     n_labels=0, needs_review=1, image_mpp=_float_or_none(it.image_mpp),
-                     slide_mpp=_float_or_none(it.slide_mpp))
+                     n_labels=0, needs_review=1, audit=int(it.audit),
+                     blind=int(it.blind or it.audit), site=it.site,
+                     image_mpp=_float_or_none(it.image_mpp), slide_mpp=_float_or_none(it.slide_mpp))
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
                      context_png=bytes(it.context_png)) for it in unique.values()]
@@ -202,7 +222,9 @@ class ReviewStore(StoreQueries):
                     conformal_set=json.loads(row.conformal_set), reason=row.reason,
                     priority=row.priority, slide_path=row.slide_path, claimed_by=row.claimed_by,
                     lease_until=row.lease_until, n_labels=row.n_labels, label=label,
-                    image_mpp=row.image_mpp, slide_mpp=row.slide_mpp)
+                    blind=bool(getattr(row, "blind", 0)),
+                    image_mpp=getattr(row, "image_mpp", None),
+                    slide_mpp=getattr(row, "slide_mpp", None))
 
     def get(self, item_id: int, reviewer: str | None = None) -> Item | None:
         """One item by id (with ``reviewer``'s current label), or None."""
@@ -317,11 +339,19 @@ class ReviewStore(StoreQueries):
             raise ReviewStoreError(f"review item {item_id} does not exist")
         return row
 
-    def label(self, reviewer: str, item_id: int, label: str, lease_s: float = 0) -> int:
+    _any_label_q = (sa.select(S.labels.c.id)
+                    .where(S.labels.c.item_id == sa.bindparam("item_id"),
+                           S.labels.c.reviewer == sa.bindparam("reviewer")).limit(1))
+
+    def label(self, reviewer: str, item_id: int, label: str, lease_s: float = 0,
+              blind_all: bool = False) -> int:
         """Record ``reviewer``'s label for a cell (append-only); returns the audit row id.
 
         Allowed when the reviewer holds the cell's lease, or corrects their own earlier label of a
-        cell nobody else holds. Releases the lease (or renews it for ``lease_s`` > 0).
+        cell nobody else holds. Releases the lease (or renews it for ``lease_s`` > 0). The row's
+        ``blind`` says whether the reviewer answered without having seen the model's answer: the
+        cell is blind (or the app hides the model for all cells, ``blind_all``) and this is the
+        reviewer's first answer on it (the answer is revealed after it).
         """
         if label not in self.labels:
             raise ReviewStoreError(f"label {label!r} is not one of {self.labels}")
@@ -339,9 +369,12 @@ class ReviewStore(StoreQueries):
             if previous is None and row.n_labels >= self.required_reviews:
                 raise LeaseError(f"cell {item_id} already has its {self.required_reviews} "
                                  "label(s); claim another cell")
+            first = c.execute(self._any_label_q, {"item_id": item_id,
+                                                  "reviewer": reviewer}).first() is None
             res = c.execute(self._insert_label, dict(
                 item_id=item_id, reviewer=reviewer, at=now, label=label,
-                previous_label=previous, action="label", undoes=None))
+                previous_label=previous, action="label", undoes=None,
+                blind=int(bool(row.blind or blind_all) and first)))
             n = row.n_labels + (1 if previous is None else 0)
             keep = lease_s > 0
             c.execute(self._update_item, dict(

@@ -13,7 +13,11 @@ from cellclf.review.schema import ReviewStoreError
 
 DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
 CANT_TELL = "cant_tell"
-REASONS = ("low_confidence", "uncertified_class", "ood_slide")
+NOT_A_CELL = "not_a_cell"  # a label of labelling mode only (a detector candidate that is no cell)
+TO_LABEL = "to_label"  # reason of a cell `cellclf label` chose to label (its label trains)
+HELD_ASIDE = "held_aside"  # reason of a cell `cellclf label` drew at random (never trains)
+REASONS = ("low_confidence", "uncertified_class", "ood_slide", TO_LABEL, HELD_ASIDE)
+MODES = ("review", "labelling")  # labelling: `cellclf label` projects (adds the not-a-cell label)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
@@ -57,6 +61,9 @@ class ReviewItem:
     crop_png: bytes
     context_png: bytes
     slide_path: str | None = None
+    audit: bool = False  # an auto-accepted cell sampled for the running audit (reviewer not told)
+    blind: bool = False  # the UI hides the model's answer until the reviewer has answered
+    site: str | None = None  # site / scanner tag for `cellclf audit`
     image_mpp: float | None = None
     slide_mpp: float | None = None
 
@@ -80,8 +87,9 @@ class Item:
     lease_until: float | None
     n_labels: int
     label: str | None = None  # the asking reviewer's current label, when known
-    image_mpp: float | None = None  # µm/px of the stored images (None: queued before v3)
-    slide_mpp: float | None = None  # the slide's level-0 µm/px (None: queued before v3)
+    blind: bool = False  # hide the model's answer until this reviewer has answered
+    image_mpp: float | None = None  # µm/px of the stored images (None: queued before v4)
+    slide_mpp: float | None = None  # the slide's level-0 µm/px (None: queued before v4)
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]

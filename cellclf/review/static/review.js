@@ -8,7 +8,9 @@
   const body = document.body;
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const filt = { slide: body.dataset.slide || null, predicted: body.dataset.predicted || null };
-  const labels = JSON.parse(body.dataset.labels); // classes in store order, then "cant_tell"
+  // classes in store order, then "cant_tell" (and "not_a_cell" in labelling mode)
+  const labels = JSON.parse(body.dataset.labels);
+  const nClasses = labels.filter((l) => l !== "cant_tell" && l !== "not_a_cell").length;
   const $ = (id) => document.getElementById(id);
   let head = null;      // the cell the queue gave us (held under our lease)
   let history = [];     // cells we labelled, newest first
@@ -80,9 +82,15 @@
     showView("crop", it);
     showView("context", it);
     const pred = $("predicted");
-    pred.textContent = pretty(it.predicted);
-    pred.className = "cls cls-" + it.predicted;
-    $("reason").textContent = pretty(it.reason);
+    if (it.blind) {  // blind review: the model's answer is shown only after the reviewer's
+      pred.textContent = "hidden until you answer";
+      pred.className = "cls blind";
+      $("reason").textContent = "blind";
+    } else {
+      pred.textContent = pretty(it.predicted);
+      pred.className = "cls cls-" + it.predicted;
+      $("reason").textContent = pretty(it.reason);
+    }
     const top = $("top");
     top.replaceChildren();
     for (const [cls, p] of it.top) {
@@ -106,7 +114,7 @@
       chip.textContent = pretty(cls);
       cset.append(chip);
     }
-    if (it.conformal_set.length === 0) cset.textContent = "–";
+    if (it.conformal_set.length === 0) cset.textContent = it.blind ? "hidden" : "–";
     $("where-slide").textContent = it.slide_id;
     $("where-xy").textContent = `cell ${it.cell_id} · x ${it.x}, y ${it.y} (level-0 px)`;
     const mine = $("mine");
@@ -196,14 +204,16 @@
     const atHead = pos < 0;
     const r = await api("POST", `/api/items/${it.id}/label`,
       { label: lbl, next: atHead, slide: filt.slide, predicted: filt.predicted });
+    const done = r.revealed || { ...it, label: lbl };
     if (atHead) {
-      history = [{ ...it, label: lbl }, ...history.filter((h) => h.id !== it.id)];
+      history = [done, ...history.filter((h) => h.id !== it.id)];
       head = r.item;
       sessionCount += 1;
     } else {
-      history[pos] = { ...it, label: lbl };
+      history[pos] = done;
     }
-    status(`Cell ${it.cell_id} labelled ${pretty(lbl)}.`);
+    const said = it.blind && r.revealed ? ` The model said ${pretty(r.revealed.predicted)}.` : "";
+    status(`Cell ${it.cell_id} labelled ${pretty(lbl)}.${said}`);
     setProgress(r.progress);
     render();
   });
@@ -240,8 +250,9 @@
   document.addEventListener("keydown", (ev) => {
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const k = ev.key;
-    if (k >= "1" && k <= "9" && Number(k) <= labels.length - 1) label(labels[Number(k) - 1]);
+    if (k >= "1" && k <= "9" && Number(k) <= nClasses) label(labels[Number(k) - 1]);
     else if (k === "0") label("cant_tell");
+    else if ((k === "x" || k === "X") && labels.includes("not_a_cell")) label("not_a_cell");
     else if (k === "u" || k === "U") undo();
     else if (k === "ArrowLeft") back();
     else if (k === "ArrowRight") forward();

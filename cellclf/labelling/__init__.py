@@ -1,0 +1,1 @@
+"""Labelling projects: a lab's first model from zero labels (`cellclf label`)."""

@@ -1,0 +1,160 @@
+"""A labelling project on disk: ``PROJECT/project.yaml`` (the class list and knobs, editable),
+``PROJECT/review.sqlite`` (the labels: the review store in labelling mode, append-only audit),
+``PROJECT/pool/`` (the detector's candidates: centres, crops, features) and
+``PROJECT/rounds/NN/`` (each round's training crops, bundle and report).
+
+The store is the only place labels live; everything else can be rebuilt from the slides, so a
+crash loses no label and two reviewers can label at once (the store's leases and audit rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellclf.errors import ConfigError
+from cellclf.labelling.selection import SELECTION_METHODS
+from cellclf.model.config import DataConfig
+
+_DATA = DataConfig()  # cellclf's training defaults: classes, catch-all class, resolution, crop
+
+PROJECT_FILE = "project.yaml"
+
+
+@dataclass
+class ProjectSlide:
+    slide_id: str
+    path: str
+    mpp: float | None = None
+
+
+@dataclass
+class ProjectConfig:
+    """The editable settings of a labelling project (``PROJECT/project.yaml``)."""
+
+    classes: list[str] = field(default_factory=lambda: list(_DATA.classes))
+    other_class: str = _DATA.other_class  # "not a cell" answers train as this class
+    work_mpp: float = _DATA.work_mpp
+    crop_px: int = _DATA.crop_px
+    batch_size: int = 40  # cells queued per round
+    holdout_fraction: float = 0.25  # share of each batch drawn at random and held aside
+    selection: str = "kmeans"  # how a batch is spread: kmeans (medoids) or kcenter (greedy)
+    max_candidates_per_slide: int = 4000  # the pool: a random subset of each slide's candidates
+    train_config: str | None = None  # a training YAML (default: cellclf's defaults)
+    train_overrides: list[str] = field(default_factory=list)
+    alpha: float = 0.01  # the gate's error bound per class (calibration counts)
+    delta: float = 0.05
+    seed: int = 0
+    slides: list[ProjectSlide] = field(default_factory=list)
+
+    def check(self, where: str) -> None:
+        if self.other_class not in self.classes:
+            raise ConfigError(f"{where}: other_class {self.other_class!r} is not one of the "
+                              f"classes {self.classes}")
+        if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise ConfigError(f"{where}: classes must be at least two unique names")
+        if self.batch_size < 1 or not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"{where}: batch_size must be ≥ 1 and holdout_fraction in [0, 1)")
+        if self.selection not in SELECTION_METHODS:
+            raise ConfigError(f"{where}: selection must be one of {SELECTION_METHODS}, got "
+                              f"{self.selection!r}")
+        if not 0 < self.alpha < 1 or not 0 < self.delta < 1:
+            raise ConfigError(f"{where}: alpha and delta must be in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> ProjectConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        d["slides"] = [ProjectSlide(**s) for s in d.get("slides", [])]
+        cfg = cls(**d)
+        cfg.check(where)
+        return cfg
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The candidates of every project slide, concatenated (index = candidate id)."""
+
+    slide_index: np.ndarray  # (N,) int: into the project's slides
+    cell_id: np.ndarray  # (N,) int: the candidate's index within its slide
+    xy0: np.ndarray  # (N, 2) level-0 px
+    crops: np.ndarray  # (N, crop_px, crop_px, 3) uint8
+    features: np.ndarray  # (N, F) float32, z-scored with the slide one-hot
+
+    def __len__(self) -> int:
+        return len(self.cell_id)
+
+
+class Project:
+    """Paths and config of ``PROJECT``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / PROJECT_FILE
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{(self.root / 'review.sqlite').resolve()}"
+
+    @property
+    def pool_path(self) -> Path:
+        return self.root / "pool" / "pool.npz"
+
+    def round_dir(self, n: int) -> Path:
+        return self.root / "rounds" / f"{n:02d}"
+
+    def rounds_done(self) -> list[int]:
+        """Rounds that finished (their report.json exists), ascending."""
+        d = self.root / "rounds"
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir()
+                      if p.name.isdigit() and (p / "report.json").is_file())
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> ProjectConfig:
+        import yaml
+
+        if not self.exists():
+            raise ConfigError(f"{self.root}: not a labelling project (no {PROJECT_FILE}); start "
+                              f"one with `cellclf label SLIDES --out {self.root}`")
+        data = yaml.safe_load(self.config_path.read_text()) or {}
+        return ProjectConfig.from_dict(data, str(self.config_path))
+
+    def save_config(self, cfg: ProjectConfig) -> None:
+        import yaml
+
+        from cellclf.outputs.atomic import atomic_write_text
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = ("# cellclf labelling project: edit classes/other_class before the first label;\n"
+                "# batch_size, holdout_fraction, train_config and alpha may change between "
+                "rounds.\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(self.config_path, text)
+
+    def save_pool(self, pool: Pool) -> None:
+        self.pool_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.pool_path.with_suffix(".tmp.npz")
+        np.savez(tmp, **asdict(pool))
+        tmp.replace(self.pool_path)
+
+    def load_pool(self) -> Pool:
+        if not self.pool_path.is_file():
+            raise ConfigError(f"{self.pool_path} is missing: start the project again with "
+                              f"`cellclf label SLIDES --out {self.root}` (labels are kept)")
+        with np.load(self.pool_path) as z:
+            return Pool(**{k: z[k] for k in z.files})

@@ -1,0 +1,275 @@
+"""Label efficiency of ``cellclf label``: macro-F1 against the number of labels, active selection
+vs random selection, with a simulated labeller who answers with the truth.
+
+Two pools of cells, each with a disjoint test set:
+
+- ``synth``: three synthetic 40× slides (``cellclf synth``); the detector's candidates on two are
+  the pool, the third slide's candidates are the test set; the truth answers each candidate with
+  the nearest truth cell within 4 µm (non-target kinds → ``other``; none near → not a cell →
+  ``other``), as the label loop's test does.
+- ``pbc``: real peripheral-blood cells (``../shared/data/real/pbc``, May-Grünwald-Giemsa smear,
+  ≈ 0.1 µm/px, rescaled to the model's 64 px at 0.5 µm/px): classes eosinophil, neutrophil,
+  basophil and ``other`` (lymphocyte, monocyte, ig, erythroblast, platelet); a class-balanced
+  pool and test set drawn at random.
+
+Active = the project's selection (:mod:`cellclf.labelling.selection`): k-center greedy first
+batch, then the most uncertain ×5 under the current model narrowed by k-center greedy; random =
+uniform draws. Both arms train the same learner at each budget; the full pool gives the reference
+score. Budgets count training labels only (the held-aside share that ``cellclf label`` also
+queues for estimates and calibration is left out of both arms). Learners:
+
+- ``linear`` (default; seconds on a CPU, so several seeds): class-balanced multinomial logistic
+  regression on the crops' stain/size/colour features (:func:`cellclf.labelling.selection.
+  cell_features` plus RGB histograms of the central disc). It measures the *selection*, not the
+  network.
+- ``cnn``: the network ``cellclf label`` trains (:func:`cellclf.labelling.rounds.train_round`: a
+  crop folder → ``fit``, resnet18 from scratch, configs/train-tiny.yaml with ``--epochs``);
+  minutes per point on a free CPU core, an hour and more on a shared 2-core machine.
+
+    python scripts/bench/labels.py                                   # linear, 5 seeds
+    python scripts/bench/labels.py --learner cnn --seeds 1 --budgets 40 80 160 320 --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from _common import append_section  # noqa: E402
+
+from cellclf.labelling.project import Pool, ProjectConfig  # noqa: E402
+from cellclf.labelling.rounds import Labels, holdout_metrics, train_round  # noqa: E402
+from cellclf.labelling.selection import (  # noqa: E402
+    SELECTION_METHODS,
+    cell_features,
+    pool_features,
+    select_batch,
+)
+
+TARGETS = ("eosinophil", "neutrophil", "mast_cell")
+PBC = REPO.parent / "shared" / "data" / "real" / "pbc"
+
+
+def synth_data(work: Path, size_px: int) -> tuple[list[str], tuple, tuple]:
+    """(classes, (crops, labels, slide_index) of the pool, (crops, labels) of the test set)."""
+    from scipy.spatial import cKDTree
+
+    from cellclf.annotations.geojson import read_points
+    from cellclf.detect.slide_detection import detect_slide
+    from cellclf.synth import render_slide
+    from cellclf.wsi.crops import extract_crops
+
+    classes = [*TARGETS, "other"]
+    parts = []
+    for k, seed in enumerate((31, 32, 33)):
+        slide, truth = work / f"bench{seed}.tif", work / f"bench{seed}.geojson"
+        if not (slide.is_file() and truth.is_file()):  # rendered once per --work folder
+            slide, truth = render_slide(work, size_px, size_px, mpp=0.25, seed=seed,
+                                        difficulty=0.3, name=f"bench{seed}", workers=2)
+        xy0 = detect_slide(slide, work_mpp=0.5, workers=2, progress=False)
+        pts = read_points(truth)
+        d, j = cKDTree([(p.x, p.y) for p in pts]).query(xy0)
+        names = [pts[i].name if (dist * 0.25 <= 4.0 and pts[i].name in TARGETS) else "other"
+                 for dist, i in zip(d, j, strict=True)]
+        labels = np.array([classes.index(n) for n in names])
+        parts.append((extract_crops(slide, xy0, 0.5, 64, workers=2), labels, np.full(len(xy0), k)))
+    pool = tuple(np.concatenate([p[i] for p in parts[:2]]) for i in range(3))
+    return classes, pool, parts[2][:2]
+
+
+def pbc_data(per_class: int, test_per_class: int, seed: int) -> tuple[list[str], tuple, tuple]:
+    from PIL import Image
+
+    from cellclf.annotations.crop_folder import fit_crop
+
+    classes = ["eosinophil", "neutrophil", "basophil", "other"]
+    others = ["lymphocyte", "monocyte", "ig", "erythroblast", "platelet"]
+    rng = np.random.default_rng(seed)
+    pool, test = ([], []), ([], [])
+    for q, c in enumerate(classes):
+        files = sorted(f for d in ([c] if c != "other" else others)
+                       for f in (PBC / d).glob("*.jpg"))
+        files = [files[i] for i in rng.permutation(len(files))[:per_class + test_per_class]]
+        for n, f in enumerate(files):
+            with Image.open(f) as im:
+                crop = fit_crop(np.asarray(im.convert("RGB")), 0.1, 0.5, 64)
+            dst = pool if n < per_class else test
+            dst[0].append(crop)
+            dst[1].append(q)
+    p = (np.stack(pool[0]), np.array(pool[1]), np.zeros(len(pool[1]), int))
+    return classes, p, (np.stack(test[0]), np.array(test[1]))
+
+
+def learner_features(crops: np.ndarray) -> np.ndarray:
+    """The linear learner's inputs: stain/size/colour features + 8-bin RGB histograms of the
+    central disc."""
+    disc = np.hypot(*(np.mgrid[:64, :64] + 0.5 - 32)) <= 0.35 * 64
+    hist = np.stack([np.concatenate([np.histogram(c[disc][:, ch], 8, (0, 256))[0]
+                                     for ch in range(3)]) / disc.sum() for c in crops])
+    return np.hstack([cell_features(crops), hist]).astype(np.float64)
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, k: int, l2: float = 1e-2) -> np.ndarray:
+    """Class-balanced multinomial logistic regression (L-BFGS); weights (F + 1, K)."""
+    from scipy.optimize import minimize
+
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    counts = np.bincount(y, minlength=k).astype(float)
+    w_cls = np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)[y]
+    onehot = np.eye(k)[y]
+
+    def loss(wflat: np.ndarray) -> tuple[float, np.ndarray]:
+        w = wflat.reshape(xb.shape[1], k)
+        z = xb @ w
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        nll = -(w_cls * np.log(np.maximum((p * onehot).sum(axis=1), 1e-12))).sum() / len(y)
+        grad = xb.T @ ((p - onehot) * w_cls[:, None]) / len(y) + l2 * w
+        return nll + 0.5 * l2 * (w**2).sum(), grad.ravel()
+
+    res = minimize(loss, np.zeros(xb.shape[1] * k), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 500})
+    return res.x.reshape(xb.shape[1], k)
+
+
+def predict_linear(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    z = np.hstack([x, np.ones((len(x), 1))]) @ w
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def run_arm(name: str, classes: list[str], pool: tuple, test: tuple, budgets: list[int],
+            active: bool, learner: str, epochs: int, seed: int, work: Path,
+            method: str = "kmeans") -> list[tuple[int, float, float]]:
+    """(labels, macro-F1 on the test set, seconds) per budget."""
+    crops, truth, slide_index = pool
+    n_slides = int(slide_index.max()) + 1
+    p = Pool(slide_index=slide_index, cell_id=np.arange(len(truth)),
+             xy0=np.zeros((len(truth), 2)), crops=crops,
+             features=pool_features(cell_features(crops), slide_index, n_slides))
+    if learner == "linear":
+        xs = [learner_features(crops), learner_features(test[0])]
+        mu, sd = xs[0].mean(axis=0), xs[0].std(axis=0) + 1e-9
+        x_pool, x_test = ((v - mu) / sd for v in xs)
+    cfg = ProjectConfig(classes=classes, other_class="other", seed=seed,
+                        train_config=str(REPO / "configs" / "train-tiny.yaml"),
+                        train_overrides=[f"train.epochs={epochs}", "data.val_fraction=0",
+                                         f"train.seed={seed}"])
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(truth), bool)
+    probs = None
+    rows = []
+    for b in budgets:
+        k = min(b, len(truth)) - int(chosen.sum())
+        if active:
+            pick = select_batch(p.features, k, chosen, probs, seed=seed, method=method)
+        else:
+            pick = rng.choice(np.flatnonzero(~chosen), size=k, replace=False)
+        chosen[pick] = True
+        t0 = time.perf_counter()
+        idx = np.flatnonzero(chosen)
+        if learner == "linear":
+            w = fit_linear(x_pool[idx], truth[idx], len(classes))
+            probs, test_probs = predict_linear(w, x_pool), predict_linear(w, x_test)
+        else:
+            from cellclf.model.engine import TorchEngine
+
+            labels = Labels(idx, truth[idx], np.zeros(len(idx), bool))
+            arm = f"{name}-{'act' if active else 'rnd'}-s{seed}-{b}"
+            engine = TorchEngine(train_round(cfg, p, labels, work / arm), device="cpu")
+            probs, test_probs = (np.concatenate([engine.classify(c[s:s + 512])
+                                                 for s in range(0, len(c), 512)])
+                                 for c in (crops, test[0]))
+        f1 = holdout_metrics(test_probs.argmax(axis=1), test[1], classes)["macro_f1"]
+        rows.append((int(chosen.sum()), float(f1), time.perf_counter() - t0))
+        print(f"{name} seed {seed} {'active' if active else 'random'} {rows[-1][0]} labels: "
+              f"macro-F1 {f1:.3f} ({rows[-1][2]:.1f} s)", flush=True)
+    return rows
+
+
+def labels_to_reach(rows: list[tuple[int, float, float]], goal: float) -> str:
+    hit = [n for n, f1, _ in rows if f1 >= goal]
+    return str(hit[0]) if hit else f"> {rows[-1][0]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[20, 40, 60, 80, 120, 160, 240, 320])
+    ap.add_argument("--learner", choices=["linear", "cnn"], default="linear")
+    ap.add_argument("--method", choices=list(SELECTION_METHODS), default="kmeans",
+                    help="active selection's spreading step (cellclf label's default: kmeans)")
+    ap.add_argument("--epochs", type=int, default=10, help="cnn: training epochs")
+    ap.add_argument("--seeds", type=int, default=5, help="runs per point (seeds 0..N-1)")
+    ap.add_argument("--synth-px", type=int, default=2048, help="side of each synthetic slide")
+    ap.add_argument("--pbc-per-class", type=int, default=150)
+    ap.add_argument("--sets", nargs="+", default=["synth", "pbc"])
+    ap.add_argument("--work", type=Path, default=None,
+                    help="folder for the synthetic slides (kept; default: a temporary one)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="cellclf-labels-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.sets:
+            if name == "pbc" and not PBC.is_dir():
+                print(f"skipping pbc: {PBC} not found")
+                continue
+            classes, pool, test = (synth_data(work, args.synth_px) if name == "synth"
+                                   else pbc_data(args.pbc_per_class, 100, 0))
+            curves: dict[str, list] = {"full": [], "active": [], "random": []}
+            for seed in range(args.seeds):
+                a = (name, classes, pool, test)
+                curves["full"].append(run_arm(*a, [len(pool[1])], False, args.learner,
+                                              args.epochs, seed, work)[0][1])
+                for arm in ("active", "random"):
+                    curves[arm].append([r[1] for r in run_arm(
+                        *a, args.budgets, arm == "active", args.learner, args.epochs, seed,
+                        work, args.method)])
+            full = float(np.mean(curves["full"]))
+            act, rnd = (np.mean(curves[k], axis=0) for k in ("active", "random"))
+            sd_a, sd_r = (np.std(curves[k], axis=0) for k in ("active", "random"))
+            counts = np.bincount(pool[1], minlength=len(classes))
+            lines += [f"**{name}**: pool {len(pool[1])} cells ("
+                      + ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True))
+                      + f"), test {len(test[1])} cells; full pool macro-F1 {full:.3f}.\n",
+                      "| labels | active macro-F1 | random macro-F1 |", "| ---: | ---: | ---: |"]
+            lines += [f"| {b} | {a:.3f} ± {da:.3f} | {r:.3f} ± {dr:.3f} |"
+                      for b, a, da, r, dr in zip(args.budgets, act, sd_a, rnd, sd_r,
+                                                 strict=True)]
+            goal = 0.95 * full
+            lines.append(f"\nLabels to reach 95 % of the full-pool score ({goal:.3f}): active "
+                         f"{labels_to_reach(list(zip(args.budgets, act, act, strict=True)), goal)}, random "
+                         f"{labels_to_reach(list(zip(args.budgets, rnd, rnd, strict=True)), goal)}.\n")
+    learner = ("class-balanced logistic regression on stain/size/colour features (measures the "
+               "selection, not the network)" if args.learner == "linear" else
+               f"resnet18 from scratch, configs/train-tiny.yaml with {args.epochs} epochs, no "
+               "validation split")
+    intro = [f"Simulated labeller answering with the truth. Learner: {learner}. Mean ± sd over "
+             f"{args.seeds} seed(s). Active ({args.method}) = first batch spread over the pool "
+             f"by {args.method}, then uncertainty (margin, top 5×) spread by {args.method}; labels "
+             "count training labels only.\n"]
+    print("\n".join(intro + lines))
+    if not args.no_write:
+        append_section("Label efficiency (cellclf label)", intro + lines)
+
+
+if __name__ == "__main__":
+    main()
