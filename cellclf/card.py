@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.pt"
 CKPT_FILE = "model.ckpt"
 ONNX_FILE = "model.onnx"
 CARD_FORMAT = 1
+DEFAULT_OTHER_CLASS = "other"  # the catch-all class of a card that names none
 
 SYNTHETIC_NOTICE = (
     "Trained on synthetic H&E-like slides rendered by `cellclf synth`. A demo and a starting point "
@@ -86,7 +87,7 @@ class Card:
     metrics: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None  # of model.pt
     weights_file: str = WEIGHTS_FILE
-    other_class: str = "other"
+    other_class: str = DEFAULT_OTHER_CLASS
     description: str = ""
     intended_use: str = ""
     format: int = CARD_FORMAT

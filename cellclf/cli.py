@@ -15,6 +15,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import typer  # noqa: E402
 
+from cellclf import __version__  # noqa: E402
 from cellclf.commands import register_all  # noqa: E402
 from cellclf.errors import print_error, user_message  # noqa: E402
 
@@ -30,8 +31,6 @@ register_all(app)
 
 def _version_callback(value: bool) -> None:
     if value:
-        from cellclf import __version__
-
         typer.echo(f"cellclf {__version__}")
         raise typer.Exit()
 
@@ -47,8 +46,6 @@ def _root(
 
 @app.command("version", help="Print the cellclf version.")
 def version() -> None:
-    from cellclf import __version__
-
     typer.echo(__version__)
 
 

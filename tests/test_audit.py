@@ -20,10 +20,10 @@ from cellclf.gate.audit_bound import (
     audit_state,
     blind_mask,
 )
+from cellclf.model.config import DEFAULT_CLASSES
 from cellclf.review.app import ServerThread, create_app
 from cellclf.review.auth import add_user
 from cellclf.review.store import ReviewItem, ReviewStore
-from cellclf.review.types import DEFAULT_CLASSES
 
 ALPHA = 0.01
 
@@ -295,6 +295,7 @@ def test_refit_from_audit_only_raises_thresholds():
     assert r["thresholds"]["eosinophil"] is None and "go to review" in r["notes"]["eosinophil"]
 
 
+@pytest.mark.slow
 def test_calibrate_from_review_writes_raised_thresholds(random_bundle, tmp_path):
     import shutil
 

@@ -131,7 +131,7 @@ def test_export_opset_refused_and_card_untouched(random_bundle, tmp_path, capsys
 def test_calibration_failure_restores_the_card(random_bundle, tmp_path, monkeypatch):
     """The card is replaced only when the re-export succeeded; the old one stays as
     card.previous.json either way."""
-    import cellclf.model.onnx_export as onnx_export
+    import cellclf.calibration.bundle_gate as bundle_gate  # the module that calls export_onnx
     from cellclf.calibration.bundle_gate import PREVIOUS_CARD, write_calibrated_card
     from cellclf.card import bundle_paths
 
@@ -142,7 +142,7 @@ def test_calibration_failure_restores_the_card(random_bundle, tmp_path, monkeypa
     def fail(*_a, **_k):
         raise OSError(28, "No space left on device", str(b / "model.onnx.tmp"))
 
-    monkeypatch.setattr(onnx_export, "export_onnx", fail)
+    monkeypatch.setattr(bundle_gate, "export_onnx", fail)
     with pytest.raises(OSError):
         write_calibrated_card(bundle_paths(b), new)
     assert ((b / "card.json").read_bytes(), (b / "model.onnx").read_bytes()) == before

@@ -123,7 +123,7 @@ def test_disk_full_leaves_no_partial_output(tmp_path, tiny_slide, random_bundle,
     half-written folder; ENOSPC while the manifest is rewritten: the old manifest stays intact and
     the CLI says what happened (exit 2, no traceback)."""
     import cellclf.outputs.manifest as manifest_mod
-    import cellclf.outputs.report as report_mod
+    import cellclf.outputs.results as report_mod  # the module that calls write_report
 
     out = tmp_path / "results"
     out.mkdir()

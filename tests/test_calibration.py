@@ -27,6 +27,7 @@ def bundle(random_bundle, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_calibrate_writes_gate_and_reexports(bundle, cal_data):
     from cellclf.model.engine import OnnxEngine, onnx_card
 
@@ -52,6 +53,7 @@ def test_calibrate_writes_gate_and_reexports(bundle, cal_data):
     OnnxEngine(bundle)
 
 
+@pytest.mark.slow
 def test_calibrate_options_alpha_class_and_no_miss_bound(bundle, cal_data):
     runner = CliRunner()
     bad = runner.invoke(app, ["calibrate", str(bundle), "--data", str(cal_data),
@@ -69,6 +71,7 @@ def test_calibrate_options_alpha_class_and_no_miss_bound(bundle, cal_data):
     assert "other 0.3" in gate["guarantee"] and "no miss bound" in result.output
 
 
+@pytest.mark.slow
 def test_calibrate_refuses_training_slides(bundle, cal_data):
     from cellclf.errors import CellclfError
 
@@ -81,6 +84,7 @@ def test_calibrate_refuses_training_slides(bundle, cal_data):
         calibrate_bundle(bundle, cal_data, progress=False)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_gate_and_calibration(random_bundle, cal_data, tmp_path):
     from cellclf.evaluation.evaluate import evaluate
 

@@ -122,8 +122,8 @@ def test_slide_crops_centre_on_candidates_and_cache(tmp_path: Path, monkeypatch)
     def no_reads(*a, **k):
         raise AssertionError("the slide was read again")
 
-    monkeypatch.setattr("cellclf.wsi.crops.extract_crops", no_reads)
-    monkeypatch.setattr("cellclf.detect.slide_detection.detect_slide", no_reads)
+    monkeypatch.setattr("cellclf.model.dataset.extract_crops", no_reads)
+    monkeypatch.setattr("cellclf.model.dataset.detect_slide", no_reads)
     again, names2, hit = slide_crops(entry, **kw)
     assert hit and names2 == names
     np.testing.assert_array_equal(again["crops"], crops)

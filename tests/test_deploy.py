@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 BLOCKER = textwrap.dedent("""
     import sys
 
@@ -38,6 +40,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_detect_and_infer_without_torch(tiny_slide, shipped_model, tmp_path):
     slide, truth = tiny_slide
     det = _run(tmp_path, "detect", str(slide), "-o", str(tmp_path / "cand.geojson"),

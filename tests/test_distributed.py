@@ -81,6 +81,7 @@ def _outputs(out: Path) -> dict:
     return snap
 
 
+@pytest.mark.slow
 def test_ray_batch_equals_local_batch(ray_mod, slides, shipped_model, tmp_path):
     from rich.console import Console
 
@@ -107,6 +108,7 @@ def test_ray_batch_equals_local_batch(ray_mod, slides, shipped_model, tmp_path):
     assert not list(sharded.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_cli_gpus_without_gpus_is_a_clear_error(ray_mod, slides, shipped_model, tmp_path):
     try:
         import torch

@@ -95,6 +95,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_evaluate_writes_all_outputs(tmp_path: Path, bundle: Path) -> None:
     from test_dataset import write_slide
     from typer.testing import CliRunner
@@ -128,6 +129,7 @@ def test_evaluate_writes_all_outputs(tmp_path: Path, bundle: Path) -> None:
     assert "macro-F1" in report and "| mast_cell |" in report
 
 
+@pytest.mark.slow
 def test_evaluate_int8_uses_the_int8_calibration(tmp_path: Path, shipped_model, tiny_svs) -> None:
     """`cellclf evaluate --precision int8`: the int8 graph's logits, gated with its own temperature
     and thresholds (never the fp32 ones)."""

@@ -51,6 +51,7 @@ def regnet():
     return m.eval()
 
 
+@pytest.mark.slow
 def test_deploy_model_equals_the_original(regnet):
     from cellclf.model.onnx_export import deploy_model
 
@@ -77,6 +78,7 @@ def test_deploy_without_widening_keeps_groups(regnet):
     assert widths == {8}
 
 
+@pytest.mark.slow
 def test_deploy_keeping_batchnorm_equals_the_original(regnet):
     """fp16 exports keep batch norm unfolded (stored weights stay exact): widening pads it too."""
     from cellclf.model.onnx_export import deploy_model

@@ -33,12 +33,14 @@ def test_onnx_file_carries_the_card(random_bundle):
     assert not list(random_bundle.glob("*.data"))  # one file, no external data
 
 
+@pytest.mark.slow
 def test_shipped_onnx_matches_its_weights(shipped_model, real_crops):
     p_t = TorchEngine(shipped_model, device="cpu").classify(real_crops)
     p_o = OnnxEngine(shipped_model).classify(real_crops)
     assert np.abs(p_t - p_o).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_fp32_parity_random_and_real_crops(random_bundle, real_crops):
     torch_engine, onnx_engine = TorchEngine(random_bundle, device="cpu"), OnnxEngine(random_bundle)
     rng = np.random.default_rng(0)
@@ -52,6 +54,7 @@ def test_fp32_parity_random_and_real_crops(random_bundle, real_crops):
     assert p_t.max(axis=1).std() > 0.01
 
 
+@pytest.mark.slow
 def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
     from cellclf.gate.thresholds import GateParams, apply_gate
 
@@ -63,6 +66,7 @@ def test_gate_decisions_identical_in_fp32(random_bundle, real_crops):
     assert 0 < a_t.sum() < len(a_t)  # both decisions occur
 
 
+@pytest.mark.slow
 def test_fp16_export_parity(shipped_model, real_crops, tmp_path):
     """fp16 on the trained shipped model (a random net's huge logits are not representative)."""
     from cellclf.model.onnx_export import export_onnx
@@ -99,6 +103,7 @@ def test_load_engine_choices(random_bundle, tmp_path):
         load_engine(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_fresh_export_is_the_fast_graph_and_exact(shipped_model, real_crops, tmp_path):
     """A fresh export of the shipped RegNet: grouped convolutions 16 wide (onnxruntime's NCHWc
     kernels take them), no batch norm, no Gather chain in the SE pooling; fp32 parity ≤ 1e-4."""

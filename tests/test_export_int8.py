@@ -47,6 +47,7 @@ def cal_crops(tiny_svs) -> np.ndarray:
     return extract_crops(tiny_svs[0], cands, 0.5, 64)
 
 
+@pytest.mark.slow
 def test_int8_section_and_graph(int8_bundle):
     import onnx
 
@@ -78,6 +79,7 @@ def test_int8_section_and_graph(int8_bundle):
     assert produced[kept[0].input[0]].op_type == "Cast"
 
 
+@pytest.mark.slow
 def test_int8_engine_uses_its_own_gate(int8_bundle, cal_crops):
     card = json.loads((int8_bundle / "card.json").read_text())
     eng = load_engine(int8_bundle, backend="auto", precision="int8")
@@ -93,6 +95,7 @@ def test_int8_engine_uses_its_own_gate(int8_bundle, cal_crops):
     assert OnnxEngine(int8_bundle).card["gate"] == card["gate"]
 
 
+@pytest.mark.slow
 def test_int8_mixups_are_refused(int8_bundle, tmp_path):
     with pytest.raises(BundleError, match="int8 graph"):  # int8 file under the fp32 gate
         OnnxEngine(int8_bundle, onnx_file="model.int8.onnx")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom
 
+from cellclf.gate.risk_bounds import clopper_pearson_upper
 from cellclf.gate.temperature import CalibrationError
 from cellclf.gate.thresholds import (
     REASONS,
     GateParams,
     apply_gate,
-    clopper_pearson_upper,
     evaluate_gate,
     fit_gate,
     min_cells_zero_errors,
@@ -200,6 +200,7 @@ def _realised_error(t_conf: np.ndarray, t_wrong: np.ndarray, lam: np.ndarray) ->
     return cum_wrong[n_acc - 1] / n_acc
 
 
+@pytest.mark.slow
 def test_simulation_error_among_accepted_is_controlled() -> None:
     # Measured (seed 2026): some class above α in 3.5 % of repetitions (δ = 5 %); per class
     # 0.5–1.2 % (δ/K = 1.25 %); every class certified in ≥ 97 % of repetitions, 46–81 % of its

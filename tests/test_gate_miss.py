@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+from cellclf.gate.risk_bounds import clopper_pearson_upper, max_misses
 from cellclf.gate.temperature import CalibrationError
 from cellclf.gate.thresholds import (
     GateParams,
     apply_gate,
-    clopper_pearson_upper,
     evaluate_gate,
     fit_gate,
-    max_misses,
     min_cells_zero_errors,
     miss_threshold,
     review_counts,
@@ -232,6 +231,7 @@ def _draw_three(rng: np.random.Generator, scale: int = 1) -> tuple[np.ndarray, n
     return np.concatenate(ps), np.concatenate(ys)
 
 
+@pytest.mark.slow
 def test_simulation_fit_gate_all_statements_hold() -> None:
     # K = 3 classes, M = 5 statements (3 error bounds α = 2 %, 2 miss bounds β = 2 %), δ = 0.1.
     # Error rates are measured on 45 000 fresh cells, miss rates are exact (see _draw_three).

@@ -22,6 +22,7 @@ def bundle(random_bundle, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_calibrate_says_it_has_too_few_slides(bundle, tiny_svs, tmp_path):
     data = tmp_path / "cal"
     data.mkdir()

@@ -14,7 +14,7 @@ from cellclf.pipeline.run_slide import RunParams, run_slide  # noqa: E402
 
 
 def _run(slide, engine, stage: str, decode: str = "off", review: bool = True):
-    card = load_card(engine_bundle(engine)).to_dict()
+    card = load_card(engine_bundle(engine))
     items: list = []
     res = run_slide(slide, engine, card, slide_id="s", on_review=items.extend if review else None,
                     params=RunParams(workers=2, stage=stage, tiles_per_batch=3,
@@ -39,6 +39,7 @@ def host_run(tiny_slide, cpu_engine):
 
 
 @pytest.mark.parametrize("decode", ["off", "on"])
+@pytest.mark.slow
 def test_device_stage_matches_host_stage(tiny_slide, cpu_engine, host_run, decode):
     """Tiles decoded on the host or by torchvision on the device (libjpeg-turbo on CPU, so the
     same pixels): the same cells, probabilities, gate decisions and review crops."""
@@ -58,7 +59,7 @@ def test_device_stage_matches_host_stage(tiny_slide, cpu_engine, host_run, decod
     for it in host_items[:50]:
         j = int(np.argmin(np.hypot(*(dxy - (it.x, it.y)).T)))
         assert np.hypot(dxy[j, 0] - it.x, dxy[j, 1] - it.y) < 1e-2
-        assert dev_items[j].crop_png == it.crop_png and dev_items[j].context_png == it.context_png
+        assert dev_items[j].crop_png == it.crop_png and dev_items[j].context_image == it.context_image
 
 
 def test_gather_crops_equals_cut_crops_with_white_outside(cpu_engine):
@@ -81,7 +82,7 @@ def test_device_stage_refuses_onnx_engine(tiny_slide, shipped_model):
     from cellclf.model.engine import OnnxEngine
 
     eng = OnnxEngine(shipped_model)
-    card = load_card(shipped_model).to_dict()
+    card = load_card(shipped_model)
     with pytest.raises(ConfigError, match="torch"):
         run_slide(tiny_slide[0], eng, card, slide_id="s", params=RunParams(stage="device"))
 

@@ -61,6 +61,8 @@ def test_outputs_and_manifest(batch_out, tiny_slide):
     assert summary["model_card"]["name"] == "cellclf-synth-he-v1"
     assert summary["peak_hpf"]["eosinophil"]["count"] >= 1
     assert summary["tissue_area_mm2"] > 0 and "total" in summary["timings_s"]
+    stain = summary["extra"]["stain"]  # the slide's own stain estimate (cellclf.detect.stain)
+    assert len(stain["haematoxylin"]) == len(stain["glass"]) == 3 and stain["source"]
     geo = json.loads((d / "cells.geojson").read_text())
     assert len(geo["features"]) == n
     f0 = geo["features"][0]
@@ -141,6 +143,7 @@ def _snapshot(out: Path) -> dict:
     return snap
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_results(tiny_slide, tiny_svs, shipped_model, tmp_path):
     """SIGKILL mid-review-insert, before results, before the manifest row: the final outputs and
     the review store equal an uninterrupted run (no lost or duplicated cells)."""

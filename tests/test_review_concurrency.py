@@ -39,6 +39,7 @@ def _worker(url: str, name: str, ops: int, barrier, out: mp.Queue) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.slow
 def test_parallel_reviewers_never_share_or_lose_a_cell(backend, tmp_path, request):
     if backend == "sqlite":
         url = str(tmp_path / "race.sqlite")

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from cellclf.cli import app
@@ -14,6 +15,7 @@ from cellclf.cli import app
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_infer_review_export_retrain(tiny_svs, tiny_slide, shipped_model, tmp_path):
     from cellclf.annotations.geojson import read_points
     from cellclf.detect.matching import match_points

@@ -66,9 +66,9 @@ def test_stored_views_fit_10_kb_per_queued_cell_and_stay_faithful(tiny_slide, tm
     per_cell = db.stat().st_size / n
     assert per_cell <= 10 * 1024, f"{per_cell:.0f} B per queued cell"
     for it, crop, view in zip(items[:50], crops, ctx, strict=False):
-        assert it.crop_png[:3] == it.context_png[:3] == b"\xff\xd8\xff"  # JPEG, both
+        assert it.crop_png[:3] == it.context_image[:3] == b"\xff\xd8\xff"  # JPEG, both
         assert np.abs(decode(it.crop_png) - crop).mean() < 4.0
-        assert np.abs(decode(it.context_png) - view).mean() < 6.0
+        assert np.abs(decode(it.context_image) - view).mean() < 6.0
         assert (it.image_mpp, it.slide_mpp) == (WORK_MPP, slide_mpp)
 
 
@@ -99,11 +99,11 @@ def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_sli
                          np.ones((n, 4), bool), crops, ctx, CLASSES, np.linspace(1, 0, n),
                          image_mpp=WORK_MPP, slide_mpp=slide_mpp)
     old = ReviewItem("old", 0, 10.0, 10.0, "other", {"other": 1.0}, ["other"], "low_confidence",
-                     -1.0, items[0].crop_png, items[0].context_png, str(slide_path))
+                     -1.0, items[0].crop_png, items[0].context_image, str(slide_path))
     junk_path = tmp_path / "junk.tif"
     junk_path.write_bytes(b"not a slide")
     junk = ReviewItem("junk", 0, 10.0, 10.0, "other", {"other": 1.0}, ["other"],
-                      "low_confidence", -2.0, items[0].crop_png, items[0].context_png,
+                      "low_confidence", -2.0, items[0].crop_png, items[0].context_image,
                       str(junk_path), image_mpp=WORK_MPP, slide_mpp=slide_mpp)
     st = ReviewStore(str(tmp_path / "review.sqlite"))
     st.add_items([*items, old, junk])

@@ -42,7 +42,7 @@ def item(cell_id: int, slide: str = "s1", priority: float | None = None,
                                                   "other": 0.15},
                       conformal_set=["eosinophil", "neutrophil"], reason="low_confidence",
                       priority=float(cell_id if priority is None else priority),
-                      crop_png=PNG, context_png=PNG, **kw)
+                      crop_png=PNG, context_image=PNG, **kw)
 
 
 class Clock:
@@ -86,12 +86,12 @@ def test_bad_items_are_refused_with_the_cell_named(url):
     with pytest.raises(ReviewStoreError, match="crop_png is not a PNG"):
         st.add_items([bad])
     bad = item(7)
-    bad.context_png = b"GIF89a..."
+    bad.context_image = b"GIF89a..."
     with pytest.raises(ReviewStoreError, match="neither empty nor a PNG/JPEG"):
         st.add_items([bad])
     assert st.progress()["total"] == 0
     ok = item(8)
-    ok.context_png = b"\xff\xd8\xff\xe0" + b"\0" * 20  # a JPEG context view is accepted
+    ok.context_image = b"\xff\xd8\xff\xe0" + b"\0" * 20  # a JPEG context view is accepted
     assert st.add_items([ok]) == 1
 
 
@@ -290,6 +290,7 @@ def test_export_writes_qupath_geojson_training_can_read(tmp_path):
 
 
 def _results_dir(tmp_path, slide_id: str, pred: list[int], accept: list[bool]):
+    from cellclf.card import Card
     from cellclf.outputs.results import SlideResult, write_slide_results
 
     n, classes = len(pred), ["eosinophil", "neutrophil", "mast_cell", "other"]
@@ -300,8 +301,10 @@ def _results_dir(tmp_path, slide_id: str, pred: list[int], accept: list[bool]):
                       probs=probs, accept=np.array(accept),
                       reason=np.where(accept, "accepted", "low_confidence"),
                       conformal=np.ones((n, 4), bool), tissue_area_mm2=0.04,
-                      thumbnail=np.full((40, 40, 3), 230, np.uint8), thumb_downsample=10.0)
-    return write_slide_results(tmp_path / "results", res, {"classes": classes}, {}, {})
+                      thumbnail=np.full((40, 40, 3), 230, np.uint8), thumb_downsample=10.0,
+                      other_class="other")
+    card = Card(name="t", classes=tuple(classes))
+    return write_slide_results(tmp_path / "results", res, card, {}, {})
 
 
 def test_finalize_adds_final_counts_and_refreshes_the_report(tmp_path):

@@ -230,6 +230,7 @@ def test_thumbnail(pyramid, shared_wsi: Path) -> None:
         assert max(thumb.shape[:2]) == 1000 and ds == pytest.approx(2220 / thumb.shape[1])
 
 
+@pytest.mark.slow
 def test_info_command(shared_wsi: Path) -> None:
     from typer.testing import CliRunner
 

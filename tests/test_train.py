@@ -36,6 +36,7 @@ def _model() -> CellClassifier:
     return CellClassifier("mobilenet_v3_small", 4, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
+@pytest.mark.slow
 def test_bundle_round_trip_and_tampering(tmp_path: Path) -> None:
     model = _model().eval()
     card = save_bundle(model, Card(name="t", classes=CLASSES), tmp_path)
@@ -103,6 +104,7 @@ def write_crop_folder(root: Path, per_class: int = 16, size: int = 64) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fit_from_crop_folder_writes_a_loadable_bundle(tmp_path: Path) -> None:
     from cellclf.model.training import fit
 
@@ -130,6 +132,7 @@ def test_fit_from_crop_folder_writes_a_loadable_bundle(tmp_path: Path) -> None:
     assert predict_logits(model, crop).shape == (1, 4)
 
 
+@pytest.mark.slow
 def test_cli_train_from_crop_folder(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -150,6 +153,7 @@ def test_cli_train_from_crop_folder(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "did you mean 'epochs'" in str(res.exception)
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate_on_tiny_synthetic_slides(tiny_slide, tiny_svs,
                                                           tmp_path: Path) -> None:
     from typer.testing import CliRunner
@@ -225,6 +229,7 @@ def test_fit_on_cuda_bf16_with_gpu_augment(tmp_path: Path) -> None:
     assert card.metrics["val"]["accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_cli_train_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     """`train.strategy=ddp` with two processes (gloo on CPU; NCCL on GPUs is the same code path):
     the whole-batch loader is sharded by Lightning, rank 0 alone writes the bundle."""

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclf.annotations.geojson import read_points
+from cellclf.card import DEFAULT_OTHER_CLASS
 from cellclf.errors import AnnotationError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
               ".svslide", ".btf")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-ANNOTATION_EXTS = (".geojson", ".json", ".csv")
 SPLITS = ("train", "val", "test")
 MAX_COORD = 1e9  # no slide is a billion pixels (or µm) across: larger values are a unit mistake
 
@@ -50,7 +51,7 @@ class ClassMap:
     """Source class name → model class. Unknown names go to ``other_class`` or raise."""
 
     classes: tuple[str, ...]
-    other_class: str = "other"
+    other_class: str = DEFAULT_OTHER_CLASS
     mapping: Mapping[str, str] = field(default_factory=dict)  # extra, checked first
     unknown: str = "other"  # "other" | "error"
 
@@ -141,8 +142,6 @@ class DataSource:
 def read_geojson_points(path: str | Path) -> Points:
     """QuPath GeoJSON (Point, MultiPoint, Polygon → centroid) via
     :func:`cellclf.annotations.geojson.read_points`."""
-    from cellclf.annotations.geojson import read_points
-
     pts = read_points(path)
     xy = np.array([(p.x, p.y) for p in pts], dtype=np.float64).reshape(-1, 2)
     amb = np.array([bool(p.properties.get("ambiguous", False)) for p in pts], dtype=bool)

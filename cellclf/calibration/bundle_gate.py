@@ -28,7 +28,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.annotations.labelled_data import discover
+from cellclf.card import Card, bundle_paths, load_card
 from cellclf.errors import CellclfError
+from cellclf.evaluation.evaluate import evaluate
+from cellclf.evaluation.gate_metrics import gated_rows
+from cellclf.gate.audit_bound import refit_from_audit
+from cellclf.gate.conformal import fit_aps
+from cellclf.gate.slide_bound import fit_slide_gate, grid_at_or_above
+from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
+from cellclf.gate.temperature import ece, fit_temperature, softmax
+from cellclf.gate.thresholds import fit_gate
+from cellclf.model.onnx_export import export_onnx
+from cellclf.outputs.atomic import atomic_write_bytes, atomic_write_json
 
 DEFAULT_BETA = 0.01  # miss bound per target class: share auto-accepted as `other`
 GATE_UNITS = ("auto", "cells", "slides")
@@ -40,8 +52,6 @@ def slide_level_gate(gate: Any, slide_gate: dict[str, Any], unit: str) -> tuple[
     ``slides``: each class's threshold is the lowest certified slide-level grid point at or above its
     cell-level threshold (so both statements hold); a class without both goes to review.
     """
-    from cellclf.gate.slide_bound import grid_at_or_above
-
     if unit not in GATE_UNITS:
         raise CellclfError(f"gate unit {unit!r}: use one of {GATE_UNITS}")
     if unit == "auto":
@@ -66,7 +76,7 @@ def slide_level_gate(gate: Any, slide_gate: dict[str, Any], unit: str) -> tuple[
                                "Learn-then-Test (Hoeffding-Bentkus) grid"), unit
 
 
-def training_slide_ids(card: Any) -> set[str]:
+def training_slide_ids(card: Card) -> set[str]:
     slides = (card.training or {}).get("slides") or {}
     out: set[str] = set()
     for ids in slides.values():
@@ -88,12 +98,6 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     ``beta`` is the gate's miss bound (None = off), ``alpha_per_class`` overrides α per class
     (see :func:`cellclf.gate.thresholds.fit_gate`); ``unit`` which statement the thresholds
     carry (module docstring)."""
-    from cellclf.annotations.labelled_data import discover
-    from cellclf.card import bundle_paths, load_card
-    from cellclf.evaluation.evaluate import evaluate
-    from cellclf.evaluation.gate_metrics import gated_rows
-    from cellclf.gate.slide_guard import slide_ood_stats
-
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
     unknown = sorted(set(alpha_per_class or {}) - set(card.classes))
@@ -135,14 +139,6 @@ def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list,
     (data, slides, assumption) goes into its ``calibration`` section. Shared by
     :func:`calibrate_bundle` and ``cellclf label --calibrate`` (held-aside labelled cells).
     ``slide_of_cell`` names each cell's slide for the slide-level bound (required)."""
-    from cellclf.card import bundle_paths, load_card
-    from cellclf.gate.conformal import fit_aps
-    from cellclf.gate.slide_bound import fit_slide_gate
-    from cellclf.gate.slide_guard import fit_ood
-    from cellclf.gate.temperature import ece, fit_temperature, softmax
-    from cellclf.gate.thresholds import fit_gate
-    from cellclf.outputs.atomic import atomic_write_json
-
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
     classes = list(card.classes)
@@ -215,9 +211,6 @@ def write_calibrated_card(paths: Any, card_d: dict[str, Any]) -> None:
     bundle is never left half-calibrated."""
     import shutil
 
-    from cellclf.card import load_card
-    from cellclf.outputs.atomic import atomic_write_bytes, atomic_write_json
-
     previous = paths.root / PREVIOUS_CARD
     old_bytes = paths.card.read_bytes()
     atomic_write_bytes(previous, old_bytes)
@@ -226,8 +219,6 @@ def write_calibrated_card(paths: Any, card_d: dict[str, Any]) -> None:
         atomic_write_json(paths.card, card_d)
         load_card(paths.root)  # validate what we wrote
         if paths.onnx.is_file():
-            from cellclf.model.onnx_export import export_onnx
-
             prev = card_d.get("onnx", {})
             export_onnx(paths.root, opset=int(prev.get("opset", 18)))
     except BaseException:
@@ -242,9 +233,6 @@ def refit_from_review(bundle: str | Path, review_npz: str | Path) -> dict[str, A
     result is stored in the card's ``gate`` (``thresholds`` and ``refit_from_audit``).
     """
     import numpy as np
-
-    from cellclf.card import bundle_paths, load_card
-    from cellclf.gate.audit_bound import refit_from_audit
 
     paths = bundle_paths(bundle)
     card = load_card(paths.root)

@@ -26,19 +26,28 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.annotations.labelled_data import ClassMap, discover, load_points
+from cellclf.calibration.bundle_gate import training_slide_ids
+from cellclf.card import Card, bundle_paths, load_card
+from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import BundleError
+from cellclf.evaluation.evaluate import CellTable, classification_metrics, slide_table
+from cellclf.evaluation.gate_metrics import gated_rows
+from cellclf.gate.conformal import fit_aps
+from cellclf.gate.temperature import ece, fit_temperature, softmax
+from cellclf.gate.thresholds import fit_gate
+from cellclf.model.onnx_export import export_onnx, set_metadata, sha256_file
+from cellclf.outputs.atomic import atomic_write_json
+from cellclf.wsi.crops import extract_crops
+from cellclf.wsi.slide import Slide
 
 INT8_FILE = "model.int8.onnx"
 CALIB_BATCH = 64
 
 
-def slide_crops(data: str | Path, card: Any, workers: int = 0, progress: bool = True,
+def slide_crops(data: str | Path, card: Card, workers: int = 0, progress: bool = True,
                 max_slides: int | None = None) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """(slide entry, candidate centres level-0, crops) for the slides of DATA, as inference cuts them."""
-    from cellclf.annotations.labelled_data import discover
-    from cellclf.detect.slide_detection import detect_slide
-    from cellclf.wsi.crops import extract_crops
-
     entries = discover(data).entries
     if max_slides is not None and len(entries) > max_slides:
         entries = [entries[i] for i in np.linspace(0, len(entries) - 1, max_slides).round().astype(int)]
@@ -47,7 +56,7 @@ def slide_crops(data: str | Path, card: Any, workers: int = 0, progress: bool = 
         yield e, cands, extract_crops(e.slide, cands, card.mpp, card.crop_px, mpp=e.mpp, workers=workers)
 
 
-def sample_crops(data: str | Path, card: Any, n: int = 1024, max_slides: int = 8, workers: int = 0,
+def sample_crops(data: str | Path, card: Card, n: int = 1024, max_slides: int = 8, workers: int = 0,
                  progress: bool = True, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """About ``n`` candidate crops drawn evenly from up to ``max_slides`` slides of DATA."""
     rng = np.random.default_rng(seed)
@@ -150,13 +159,9 @@ def _logits_fn(path: Path, batch: int = 256) -> Any:
     return run
 
 
-def labelled_logits(data: str | Path, card: Any, runs: dict[str, Any], workers: int = 0,
+def labelled_logits(data: str | Path, card: Card, runs: dict[str, Any], workers: int = 0,
                     progress: bool = True) -> tuple[dict[str, Any], list[str]]:
     """Per backend in ``runs`` (name → crops→logits): the cell table over DATA's slides with truth."""
-    from cellclf.annotations.labelled_data import ClassMap, load_points
-    from cellclf.evaluation.evaluate import CellTable, slide_table
-    from cellclf.wsi.slide import Slide
-
     classes = tuple(card.classes)
     other = classes.index(card.other_class)
     cmap = ClassMap(classes, card.other_class, {}, "other")
@@ -175,12 +180,8 @@ def labelled_logits(data: str | Path, card: Any, runs: dict[str, Any], workers: 
     return {k: CellTable.concat(v, classes) for k, v in tables.items()}, ids
 
 
-def fit_int8_gate(card: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def fit_int8_gate(card: Card, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Temperature, gate and conformal sets for int8 logits, with the fp32 gate's settings."""
-    from cellclf.gate.conformal import fit_aps
-    from cellclf.gate.temperature import ece, fit_temperature, softmax
-    from cellclf.gate.thresholds import fit_gate
-
     g = dict(card.gate or {})
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
@@ -212,13 +213,6 @@ def export_int8(bundle: str | Path, data: str | Path | None = None,
     ``quant_data``: slides for the activation ranges (default: the card's training data)."""
     import onnx
 
-    from cellclf.calibration.bundle_gate import training_slide_ids
-    from cellclf.card import bundle_paths, load_card
-    from cellclf.evaluation.evaluate import classification_metrics
-    from cellclf.evaluation.gate_metrics import gated_rows
-    from cellclf.model.onnx_export import export_onnx, set_metadata, sha256_file
-    from cellclf.outputs.atomic import atomic_write_json
-
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
     if not card.gate:
@@ -243,7 +237,6 @@ def export_int8(bundle: str | Path, data: str | Path | None = None,
         if len(labels) == 0:
             raise BundleError(f"{data}: no detected cells to calibrate the int8 gate on")
         fitted = fit_int8_gate(card, logits, labels)
-        from cellclf.gate.temperature import softmax
 
         t32 = float(card.temperature)
         p8, p32 = softmax(logits, fitted["temperature"]), softmax(logits32, t32)

@@ -65,14 +65,14 @@ def register(app: typer.Typer) -> None:
             calibrate_bundle,
             refit_from_review,
         )
-        from cellclf.model.engine import read_card
+        from cellclf.card import load_card
 
         for name, value in (("--alpha", alpha), ("--delta", delta), ("--alpha-set", alpha_set)):
             if not 0 < value < 1:
                 raise OptionError(f"{name} must lie between 0 and 1 (exclusive), got {value}")
         if not 0 <= beta < 1:
             raise OptionError(f"--beta must lie in [0, 1) (0 turns the miss bound off), got {beta}")
-        read_card(bundle)  # a missing or invalid bundle is refused before reading any slide
+        load_card(bundle)  # a missing or invalid bundle is refused before reading any slide
 
         if (data is None) == (from_review is None):
             raise OptionError("give either --data SLIDES or --from-review FILE.npz")

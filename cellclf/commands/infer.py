@@ -114,9 +114,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, min=0, help="--int8: reader threads (0 = all cores)."),
     ) -> None:
         """Export the bundle to ONNX (uint8 crops in; probs and logits out; card in metadata)."""
-        from cellclf.model.engine import read_card
+        from cellclf.card import load_card
 
-        read_card(bundle)  # a missing or invalid bundle is refused before any work
+        load_card(bundle)  # a missing or invalid bundle is refused before any work
         if int8:
             from cellclf.calibration.int8 import export_int8
 

@@ -65,6 +65,14 @@ class DetectParams:
     centroid_um: float = 4.5  # merged peaks this close to the strongest set the cell's centre
     glass: float = 245.0  # background (glass) intensity, per channel
     truncate: float = 3.0  # Gaussian kernel half-width in σ
+    # a slide's own stain (see cellclf.detect.stain): unit OD vectors (haematoxylin, eosin) and
+    # glass per channel; None = Ruifrok-Johnston vectors and ``glass`` in every channel
+    stain_he: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    glass_rgb: tuple[float, float, float] | None = None
+
+    def glass_per_channel(self) -> tuple[float, float, float]:
+        """Glass intensity (r, g, b) the optical density is taken against."""
+        return self.glass_rgb if self.glass_rgb is not None else (self.glass,) * 3
 
     def factor(self, mpp: float) -> int:
         """Integer block size that brings ``mpp`` closest to ``grid_um``."""
@@ -72,8 +80,16 @@ class DetectParams:
 
 
 def stain_projection(params: DetectParams) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors mapping per-channel OD (r, g, b) to haematoxylin and eosin amounts."""
+    """Vectors mapping per-channel OD (r, g, b) to haematoxylin and eosin amounts.
+
+    The stain matrix is (haematoxylin, eosin, residual): Ruifrok-Johnston, or ``params.stain_he``
+    with the residual orthogonal to both."""
     m = RJ_HE / np.linalg.norm(RJ_HE, axis=1, keepdims=True)
+    if params.stain_he is not None:
+        h, e = (np.asarray(v, dtype=np.float64) for v in params.stain_he)
+        h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+        r = np.cross(h, e)
+        m = np.stack([h, e, r / np.linalg.norm(r)])
     inv = np.linalg.inv(m)  # OD = C @ m  ->  C = OD @ inv
     return inv[:, 0].astype(np.float32), inv[:, 1].astype(np.float32)
 
@@ -120,9 +136,10 @@ def stain_maps(tile_rgb: np.ndarray, mpp: float,
         lut_n = f * f
     # OD of the block-mean intensity, via a lookup table on the integer block sum
     levels = np.arange(255 * lut_n + 1, dtype=np.float64) / lut_n
-    lut = (-np.log(np.maximum(levels, 1.0) / params.glass)).clip(0.0).astype(np.float32)
+    od_r, od_g, od_b = (
+        (-np.log(np.maximum(levels, 1.0) / g)).clip(0.0).astype(np.float32)[s[..., c]]
+        for c, g in enumerate(params.glass_per_channel()))
     hv, ev = stain_projection(params)
-    od_r, od_g, od_b = lut[s[..., 0]], lut[s[..., 1]], lut[s[..., 2]]
     hem = od_r * hv[0] + od_g * hv[1] + od_b * hv[2]
     eos = od_r * ev[0] + od_g * ev[1] + od_b * ev[2]
     np.clip(hem, 0.0, params.hem_cap, out=hem)

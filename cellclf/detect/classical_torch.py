@@ -36,6 +36,8 @@ class TorchDetector:
         hv, ev = stain_projection(self.params)
         self._hv = torch.as_tensor(hv, device=self.device).view(1, 3, 1, 1)
         self._ev = torch.as_tensor(ev, device=self.device).view(1, 3, 1, 1)
+        self._glass = torch.tensor(self.params.glass_per_channel(), dtype=torch.float32,
+                                   device=self.device).view(1, 3, 1, 1)
         self._kernels: dict[float, torch.Tensor] = {}
 
     @torch.inference_mode()
@@ -49,7 +51,7 @@ class TorchDetector:
         x = batch_u8[:, :h, :w].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if f > 1:
             x = F.avg_pool2d(x, kernel_size=f, stride=f)
-        od = torch.log(x.clamp_(min=1.0).div_(p.glass)).neg_().clamp_(min=0.0)
+        od = torch.log(x.clamp_(min=1.0).div_(self._glass)).neg_().clamp_(min=0.0)
         hem = (od * self._hv).sum(dim=1, keepdim=True).clamp_(0.0, p.hem_cap).div_(p.hem_cap)
         grid_um = f * mpp
         nuc = self._smooth(hem, p.sigma_um / grid_um)
@@ -104,9 +106,3 @@ class TorchDetector:
                 out[i] = postprocess(sm_np[j], ridge_np[j], body_np[j], rc, f, mpp,
                                      self.params)
         return out
-
-
-def detect_cells_torch(tile_rgb: np.ndarray, mpp: float, params: DetectParams | None = None,
-                       device: str | None = None) -> np.ndarray:
-    """One-tile convenience wrapper with the signature of ``detect.detect_cells``."""
-    return TorchDetector(params, device).detect([tile_rgb], mpp)[0]

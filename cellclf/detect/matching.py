@@ -121,7 +121,8 @@ def detection_metrics(
     """Recall per truth class, overall recall and precision, and duplicate rate.
 
     Returns a JSON-ready dict: ``recall`` {class: float}, ``n_truth`` / ``n_found`` {class: int},
-    ``recall_all``, ``precision`` (matched predictions / predictions), ``duplicate_rate``
+    ``recall_all``, ``precision`` (matched predictions / predictions), ``f1`` (their harmonic
+    mean), ``duplicate_rate``
     (duplicates / predictions), ``n_pred``, ``n_matched``, ``n_duplicates``, ``radius_px``.
     Undefined ratios (nothing to divide by) are None.
     """
@@ -143,12 +144,17 @@ def detection_metrics(
         n_found[c] = int(found[sel].sum())
         recall[c] = _ratio(n_found[c], n_truth[c])
     n_dup = int(m.duplicates.sum())
+    recall_all = _ratio(int(found.sum()), len(truth))
+    precision = _ratio(m.n_matched, n_pred)
+    f1 = (None if recall_all is None or precision is None or recall_all + precision == 0
+          else 2 * recall_all * precision / (recall_all + precision))
     return {
         "recall": recall,
         "n_truth": n_truth,
         "n_found": n_found,
-        "recall_all": _ratio(int(found.sum()), len(truth)),
-        "precision": _ratio(m.n_matched, n_pred),
+        "recall_all": recall_all,
+        "precision": precision,
+        "f1": f1,
         "duplicate_rate": _ratio(n_dup, n_pred),
         "n_pred": n_pred,
         "n_matched": m.n_matched,

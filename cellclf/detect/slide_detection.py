@@ -37,6 +37,8 @@ def detect_slide(
     params: DetectParams | None = None,
     tile_um: float = 512.0,
     batch_tiles: int = 16,
+    detector: str = "classical",
+    detector_bundle: str | os.PathLike[str] | None = None,
 ) -> np.ndarray:
     """Candidate cell centres (N×2 float64, level-0 px) over the tissue of a whole slide.
 
@@ -44,15 +46,24 @@ def detect_slide(
     detection per tile (batches of ``batch_tiles`` on torch) → keep the candidates each tile owns
     (its core box), which removes overlap duplicates exactly. ``backend``: "auto" (torch on CUDA
     when available, numpy otherwise), "numpy", or "torch" (CUDA if present, else CPU).
+    ``detector``: "classical" (default for the classifier's flows: the shipped gate was
+    calibrated on its candidates) or "learned" (a detector bundle, default the shipped
+    ``models/cellclf-detector-v1``; "numpy" backend = onnxruntime).
     """
+    if detector not in ("classical", "learned"):
+        raise ValueError(f"detector must be 'classical' or 'learned', got {detector!r}")
     params = params or DetectParams()
     backend = _resolve_backend(backend)
     path = Path(path)
     with Slide(path, mpp=mpp) as slide:
         slide_mpp, width, height = slide.mpp, slide.width, slide.height
         tissue = require_tissue(slide_tissue_mask(slide), path)
-    tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, detect_halo_um(params), tissue)
-    if backend == "torch":
+    halo_um = detect_halo_um(params) if detector == "classical" else LEARNED_HALO_UM
+    tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, halo_um, tissue)
+    if detector == "learned":
+        detect_batch = _learned_batch(backend, detector_bundle)
+        batch_tiles = batch_tiles if backend == "torch" else 1
+    elif backend == "torch":
         from cellclf.detect.classical_torch import TorchDetector
 
         detect_batch = TorchDetector(params).detect
@@ -76,6 +87,31 @@ def detect_slide(
             advance(len(batch))
             batch = []
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.float64)
+
+
+LEARNED_HALO_UM = 30.0  # the heat-map network sees ±18 µm; peaks and resampling a little more
+
+
+def _learned_batch(backend: str, bundle: str | os.PathLike[str] | None):
+    """``detect_batch(rgbs, mpp)`` of the learned detector: torch in batches, else onnxruntime."""
+    from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
+
+    bundle = bundle or SHIPPED_DETECTOR
+    if backend == "torch":
+        import torch
+
+        from cellclf.detect.learned_net import TorchLearnedDetector
+
+        det = TorchLearnedDetector(bundle)
+
+        def detect_torch(rgbs: list[np.ndarray], m: float) -> list[np.ndarray]:
+            if len({r.shape for r in rgbs}) > 1:  # edge tiles differ in size: one at a time
+                return [det.detect(torch.from_numpy(r[None]), m)[0] for r in rgbs]
+            return det.detect(torch.from_numpy(np.stack(rgbs)), m)
+
+        return detect_torch
+    onnx = LearnedDetector(bundle)
+    return lambda rgbs, m: [onnx(rgb, m) for rgb in rgbs]
 
 
 @contextmanager

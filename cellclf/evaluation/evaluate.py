@@ -19,6 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.annotations.labelled_data import ClassMap, discover, load_points
+from cellclf.card import DEFAULT_OTHER_CLASS, load_card
+from cellclf.detect.matching import detection_metrics, match_points
+from cellclf.detect.slide_detection import detect_slide
+from cellclf.errors import AnnotationError
+from cellclf.evaluation.gate_metrics import gate_metrics
+from cellclf.gate.temperature import softmax
+from cellclf.model.engine import load_engine
+from cellclf.outputs.atomic import atomic_write_text
+from cellclf.wsi.crops import extract_crops
+from cellclf.wsi.slide import Slide
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +48,7 @@ def _div(a: float, b: float) -> float | None:
 
 
 def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str],
-                           other_class: str = "other") -> dict[str, Any]:
+                           other_class: str = DEFAULT_OTHER_CLASS) -> dict[str, Any]:
     """Per-class precision/recall/F1/support, macro-F1 over the target classes (all classes but
     ``other_class``; a target with neither support nor predictions is left out), balanced
     accuracy (mean recall over classes with support) and accuracy. Undefined values are None."""
@@ -62,7 +74,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str],
 
 
 def classification_metrics(truth: np.ndarray, pred: np.ndarray, classes: Sequence[str],
-                           other_class: str = "other") -> dict[str, Any]:
+                           other_class: str = DEFAULT_OTHER_CLASS) -> dict[str, Any]:
     return metrics_from_confusion(confusion(truth, pred, len(classes)), classes, other_class)
 
 
@@ -150,9 +162,6 @@ def slide_table(slide_id: str, cands0: np.ndarray, logits: np.ndarray, truth0: n
                 truth_idx: np.ndarray, truth_amb: np.ndarray, classes: tuple[str, ...],
                 other: int, radius_px: float, temperature: float = 1.0) -> CellTable:
     """Join one slide's classified candidates with its truth (pure; see the module docstring)."""
-    from cellclf.detect.matching import match_points
-    from cellclf.gate.temperature import softmax
-
     m = match_points(cands0, truth0, radius_px)
     k, n_c = len(classes), len(cands0)
     missed = np.flatnonzero(m.truth_to_pred < 0)
@@ -206,16 +215,6 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
     """Evaluate a bundle on slides with truth → (cell table, metrics); writes OUT if given:
     ``metrics.json``, ``confusion.png``, ``report.md``, ``cells.parquet``. ``precision="int8"``
     evaluates ``model.int8.onnx`` with its own temperature, gate and conformal sets."""
-    from cellclf.annotations.labelled_data import ClassMap, discover, load_points
-    from cellclf.card import load_card
-    from cellclf.detect.matching import detection_metrics
-    from cellclf.detect.slide_detection import detect_slide
-    from cellclf.errors import AnnotationError
-    from cellclf.evaluation.gate_metrics import gate_metrics
-    from cellclf.model.engine import load_engine
-    from cellclf.wsi.crops import extract_crops
-    from cellclf.wsi.slide import Slide
-
     source = discover(data)
     if source.kind == "crops":
         raise AnnotationError(f"{data}: evaluation needs slides with truth (not a crop folder)")
@@ -268,8 +267,6 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
 def write_outputs(out: Path, table: CellTable, metrics: dict[str, Any], other_class: str) -> None:
     """metrics.json, confusion.png (matplotlib Agg), report.md and cells.parquet in ``out``."""
     import pyarrow.parquet as pq
-
-    from cellclf.outputs.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))

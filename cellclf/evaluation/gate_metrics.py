@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.card import Card
 from cellclf.gate.temperature import ece, reliability_bins, risk_coverage, softmax
 from cellclf.gate.thresholds import GateParams, apply_gate, evaluate_gate, review_counts, target_classes
+from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
 
 
 def gated_rows(table: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -19,7 +21,7 @@ def gated_rows(table: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-def gate_metrics(table: Any, card: Any, out: Path | None = None) -> dict[str, Any]:
+def gate_metrics(table: Any, card: Card, out: Path | None = None) -> dict[str, Any]:
     """ECE before/after, gate and no-gate numbers on a cell table; plots into ``out``."""
     logits, labels = gated_rows(table)
     if len(labels) == 0:
@@ -41,8 +43,6 @@ def gate_metrics(table: Any, card: Any, out: Path | None = None) -> dict[str, An
         result["counts_after_review"] = counts_after_review(table, gate, after.argmax(axis=1),
                                                             accept)
     if out is not None:
-        from cellclf.outputs.plots import plot_reliability, plot_risk_coverage
-
         plot_reliability(reliability_bins(before, labels), reliability_bins(after, labels),
                          Path(out) / "reliability.png", temperature=t)
         point = None

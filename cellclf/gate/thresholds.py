@@ -30,40 +30,34 @@ from typing import Any
 
 import numpy as np
 
-from cellclf.gate.risk_bounds import (
-    clopper_pearson_upper,
-    max_misses,
-    min_cells_zero_errors,
-    miss_threshold,
-    scan_thresholds,
-)
+from cellclf.card import DEFAULT_OTHER_CLASS
+from cellclf.gate import risk_bounds
+from cellclf.gate.risk_bounds import min_cells_zero_errors, miss_threshold, scan_thresholds
 from cellclf.gate.temperature import CalibrationError, check_scores
 
-__all__ = ["GUARANTEE", "GUARANTEE_MISS", "REASONS", "GateParams", "apply_gate",
-           "clopper_pearson_upper", "evaluate_gate", "fit_gate", "max_misses",
-           "min_cells_zero_errors", "miss_threshold", "review_counts", "review_priority",
-           "scan_thresholds"]
+__all__ = ["GUARANTEE", "GUARANTEE_MISS", "REASONS", "GateParams", "apply_gate", "catch_all",
+           "evaluate_gate", "fit_gate", "min_cells_zero_errors",
+           "miss_threshold", "review_counts", "review_priority", "scan_thresholds", "target_classes"]
 
 REASONS = ("accepted", "low_confidence", "uncertified_class", "ood_slide")
 
-GUARANTEE = ("For slides exchangeable with the calibration slides, with probability at least "
-             "{conf:g} (1 − δ, δ = {delta:g}) over the draw of the calibration set, the error "
-             "rate among auto-accepted cells of each predicted class is at most α = {alpha:g}. "
-             "Cells below their class threshold, cells of uncertified classes and all cells of "
-             "slides flagged out-of-distribution go to review.")
+GUARANTEE = ("For slides exchangeable with the calibration slides, with probability at least {conf:g} (1 − "
+             "δ, δ = {delta:g}) over the draw of the calibration set, the error rate among auto-accepted "
+             "cells of each predicted class is at most α = {alpha:g}. Cells below their class threshold, "
+             "cells of uncertified classes and all cells of slides flagged out-of-distribution go to "
+             "review.")
 
-GUARANTEE_MISS = ("For slides exchangeable with the calibration slides, with probability at "
-                  "least {conf:g} (1 − δ, δ = {delta:g}, split evenly over the {m} statements) "
-                  "over the draw of the calibration set, all of these hold at once: (a) for "
-                  "each predicted class c, the error rate among auto-accepted cells of class c "
-                  "is at most α_c ({alphas}); (b) for each target class t ({targets}), the share "
-                  "of true-t cells auto-accepted as '{other}' is at most β = {beta:g}. So, with "
-                  "every reviewed cell labelled right, a target class's count over detected cells "
-                  "is off on average by at most α_t·A_t/N_t upwards and β + Σ α_c·A_c/N_t "
-                  "(c another target class) downwards, where A_c is the number of cells "
-                  "auto-accepted as c and N_t the true number of t. Cells below their class "
-                  "threshold, cells of uncertified classes and all cells of slides flagged "
-                  "out-of-distribution go to review; cells the detector misses are not covered.")
+GUARANTEE_MISS = ("For slides exchangeable with the calibration slides, with probability at least {conf:g} "
+                  "(1 − δ, δ = {delta:g}, split evenly over the {m} statements) over the draw of the "
+                  "calibration set, all of these hold at once: (a) for each predicted class c, the error "
+                  "rate among auto-accepted cells of class c is at most α_c ({alphas}); (b) for each target "
+                  "class t ({targets}), the share of true-t cells auto-accepted as '{other}' is at most β = "
+                  "{beta:g}. So, with every reviewed cell labelled right, a target class's count over "
+                  "detected cells is off on average by at most α_t·A_t/N_t upwards and β + Σ α_c·A_c/N_t (c "
+                  "another target class) downwards, where A_c is the number of cells auto-accepted as c and "
+                  "N_t the true number of t. Cells below their class threshold, cells of uncertified "
+                  "classes and all cells of slides flagged out-of-distribution go to review; cells the "
+                  "detector misses are not covered.")
 
 
 @dataclass(frozen=True)
@@ -173,7 +167,7 @@ def _fit_miss(conf: np.ndarray, pred: np.ndarray, y: np.ndarray, classes: tuple[
 def fit_gate(probs: np.ndarray, labels: np.ndarray, classes: list[str] | tuple[str, ...],
              alpha: float = 0.01, delta: float = 0.05, temperature: float | None = None,
              date: str | None = None, *, alpha_per_class: dict[str, float] | None = None,
-             beta: float | None = None, other_class: str = "other") -> GateParams:
+             beta: float | None = None, other_class: str = DEFAULT_OTHER_CLASS) -> GateParams:
     """Fit per-class thresholds on calibrated calibration-split probabilities (module docstring).
 
     ``probs`` (N, K) are the temperature-scaled probabilities, ``labels`` (N,) the true class
@@ -233,7 +227,7 @@ def fit_gate(probs: np.ndarray, labels: np.ndarray, classes: list[str] | tuple[s
         hit = (pred == classes.index(other_class)) & (y == i)
         k = int((conf[hit] >= lam_o).sum()) if lam_o is not None else 0
         m = miss[t_name]
-        m.update(n_missed=k, upper_bound=float(clopper_pearson_upper(k, m["n_true"], level)))
+        m.update(n_missed=k, upper_bound=float(risk_bounds.clopper_pearson_upper(k, m["n_true"], level)))
     return GateParams(
         classes=classes, alpha=float(alpha), delta=float(delta),
         **{key: {c: s[key] for c, s in scans.items()}
@@ -358,10 +352,14 @@ def evaluate_gate(probs: np.ndarray, labels: np.ndarray, gate: GateParams) -> di
     return out
 
 
+def catch_all(gate: GateParams) -> str | None:
+    """The gate's catch-all class (gates fitted before ``other_class`` was kept: the default)."""
+    return gate.other_class or (DEFAULT_OTHER_CLASS if DEFAULT_OTHER_CLASS in gate.classes else None)
+
+
 def target_classes(gate: GateParams) -> list[str]:
-    """The classes whose counts matter: all but the catch-all (``other`` unless the gate says)."""
-    other = gate.other_class or ("other" if "other" in gate.classes else None)
-    return [c for c in gate.classes if c != other]
+    """The classes whose counts matter: all but the catch-all."""
+    return [c for c in gate.classes if c != catch_all(gate)]
 
 
 def review_counts(pred: np.ndarray, labels: np.ndarray, accept: np.ndarray, gate: GateParams,
@@ -377,8 +375,7 @@ def review_counts(pred: np.ndarray, labels: np.ndarray, accept: np.ndarray, gate
     but of another class. None where a class has no true cells.
     """
     y = np.asarray(labels)
-    other = gate.other_class or ("other" if "other" in gate.classes else None)
-    o = gate.classes.index(other) if other is not None else -1
+    o = gate.classes.index(catch_all(gate)) if catch_all(gate) is not None else -1
     out: dict[str, dict[str, Any]] = {}
     for c in target_classes(gate):
         i = gate.classes.index(c)

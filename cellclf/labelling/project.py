@@ -18,6 +18,7 @@ import numpy as np
 from cellclf.errors import ConfigError
 from cellclf.labelling.selection import SELECTION_METHODS
 from cellclf.model.config import DataConfig
+from cellclf.outputs.atomic import atomic_write_text
 
 _DATA = DataConfig()  # cellclf's training defaults: classes, catch-all class, resolution, crop
 
@@ -137,8 +138,6 @@ class Project:
 
     def save_config(self, cfg: ProjectConfig) -> None:
         import yaml
-
-        from cellclf.outputs.atomic import atomic_write_text
 
         self.root.mkdir(parents=True, exist_ok=True)
         text = ("# cellclf labelling project: edit classes/other_class before the first label;\n"

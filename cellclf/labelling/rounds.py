@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.calibration.bundle_gate import write_calibration
+from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import CellclfError
 from cellclf.gate.risk_bounds import min_cells_zero_errors
+from cellclf.gate.slide_guard import slide_ood_stats
 from cellclf.labelling.project import Pool, Project, ProjectConfig, ProjectSlide
 from cellclf.labelling.selection import (
     cell_features,
@@ -29,11 +32,16 @@ from cellclf.labelling.selection import (
     random_batch,
     select_batch,
 )
+from cellclf.model.config import load_config
+from cellclf.model.engine import TorchEngine
 from cellclf.outputs.atomic import atomic_write_json
+from cellclf.outputs.manifest import slide_id_for
+from cellclf.pipeline.batch import expand_slides
 from cellclf.pipeline.host_stage import jpeg_bytes, png_bytes
 from cellclf.pipeline.stage import REVIEW_CONTEXT_PX
 from cellclf.review.store import CANT_TELL, NOT_A_CELL, ReviewItem, ReviewStore
 from cellclf.review.types import HELD_ASIDE, TO_LABEL
+from cellclf.wsi.crops import extract_crops
 
 
 class LabellingError(CellclfError):
@@ -60,11 +68,6 @@ def start_project(slides: list[str], root: str | Path, cfg: ProjectConfig | None
                   workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """Detect candidates on ``slides``, store the pool and queue the first batch (spread over
     appearance and slide, plus a random held-aside share). Returns round 0's report."""
-    from cellclf.detect.slide_detection import detect_slide
-    from cellclf.outputs.manifest import slide_id_for
-    from cellclf.pipeline.batch import expand_slides
-    from cellclf.wsi.crops import extract_crops
-
     project = Project(root)
     if project.pool_path.is_file():
         raise LabellingError(f"{project.root} is a started labelling project: run `cellclf label "
@@ -140,8 +143,6 @@ def queue_batch(project: Project, cfg: ProjectConfig, store: ReviewStore, pool: 
                 round_no: int, probs: np.ndarray | None) -> dict[str, int]:
     """Choose and queue round ``round_no``'s batch; ``probs`` (pool × classes) from the current
     model, or None before the first model. Returns {to_label, held_aside}."""
-    from cellclf.wsi.crops import extract_crops
-
     queued, _ = queued_mask(store, cfg, pool)
     n_hold = int(round(cfg.batch_size * cfg.holdout_fraction))
     seed = cfg.seed * 1009 + round_no
@@ -172,7 +173,7 @@ def queue_batch(project: Project, cfg: ProjectConfig, store: ReviewStore, pool: 
                 probs={c: float(p[m, q]) for q, c in enumerate(cfg.classes)},
                 conformal_set=[], reason=str(roles[m]),
                 priority=float(-round_no - m / (len(rows) + 1)),
-                crop_png=png_bytes(pool.crops[i]), context_png=jpeg_bytes(ctx[j]),
+                crop_png=png_bytes(pool.crops[i]), context_image=jpeg_bytes(ctx[j]),
                 slide_path=slide.path, image_mpp=cfg.work_mpp, slide_mpp=slide.mpp))
     store.add_items(items)
     return {"to_label": int(len(active)), "held_aside": int(len(hold))}
@@ -239,7 +240,6 @@ def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path) -> Pa
     :func:`~cellclf.model.training.fit`); returns the bundle folder."""
     import shutil
 
-    from cellclf.model.config import load_config
     from cellclf.model.training import fit
 
     crops_dir = out / "crops"
@@ -261,8 +261,6 @@ def next_round(root: str | Path, target_f1: float | None = None,
                max_labels: int | None = None) -> dict[str, Any]:
     """One round: train on the labels so far, estimate on the held-aside ones, then queue the next
     batch unless the target is reached. Returns the round's report (also in report.json)."""
-    from cellclf.model.engine import TorchEngine
-
     project = Project(root)
     cfg = project.load_config()
     pool = project.load_pool()
@@ -307,10 +305,6 @@ def calibrate_project(root: str | Path, alpha: float | None = None, delta: float
                       alpha_set: float = 0.1, workers: int = 0) -> dict[str, Any]:
     """Calibrate the last round's bundle on the held-aside labels (random cells of the project's
     slides that no round trained on) and the slides' stain/focus statistics."""
-    from cellclf.calibration.bundle_gate import write_calibration
-    from cellclf.gate.slide_guard import slide_ood_stats
-    from cellclf.model.engine import TorchEngine
-
     project = Project(root)
     cfg = project.load_config()
     rounds = [r for r in project.rounds_done() if r > 0]

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellclf.model.config import AugmentConfig
+
 if TYPE_CHECKING:
     import torch
 
-    from cellclf.model.config import AugmentConfig
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB/residual), unit OD per RGB.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

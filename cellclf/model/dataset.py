@@ -32,7 +32,11 @@ from cellclf.annotations.labelled_data import (
     SlideEntry,
     load_points,
 )
+from cellclf.detect.matching import match_points
+from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import AnnotationError
+from cellclf.wsi.crops import extract_crops
+from cellclf.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,6 @@ class CropSet:
     def counts(self, classes: Sequence[str]) -> dict[str, int]:
         bc = np.bincount(self.labels, minlength=len(classes))
         return {c: int(n) for c, n in zip(classes, bc, strict=True)}
-
-    def subset(self, idx: np.ndarray) -> CropSet:
-        return CropSet(self.crops[idx], self.labels[idx], self.slide_ids[idx], self.xy0[idx],
-                       self.kind[idx], self.ambiguous[idx])
 
     @staticmethod
     def empty(crop_px: int) -> CropSet:
@@ -220,9 +220,6 @@ def slide_crops(entry: SlideEntry, *, work_mpp: float, crop_px: int, match_um: f
     if cdir is not None and (hit := _load_cached(cdir)) is not None:
         return hit[0], hit[1], True
 
-    from cellclf.wsi.crops import extract_crops
-    from cellclf.wsi.slide import Slide
-
     pts = load_points(entry, coords)
     with Slide(entry.slide, mpp=entry.mpp) as slide:
         slide_mpp, width, height = slide.mpp, slide.width, slide.height
@@ -241,9 +238,6 @@ def slide_crops(entry: SlideEntry, *, work_mpp: float, crop_px: int, match_um: f
     centres, kind = truth.copy(), np.full(len(truth), KIND_ANNOTATION, np.int8)
     extra = np.zeros((0, 2))
     if use_detector:
-        from cellclf.detect.matching import match_points
-        from cellclf.detect.slide_detection import detect_slide
-
         cands = detect_slide(entry.slide, mpp=entry.mpp, work_mpp=work_mpp, workers=workers,
                              progress=progress, params=detect_params)
         m = match_points(cands, truth, match_um / slide_mpp)

@@ -10,25 +10,16 @@ own temperature and gate (``engine.card``), never the fp32 ones.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from cellclf.card import Card, bundle_paths, load_card
 from cellclf.errors import BundleError
+from cellclf.gate.temperature import softmax
 from cellclf.model.bundle_checks import check_graph, metadata_card
-
-
-def read_card(bundle: str | Path) -> dict:
-    from cellclf.card import bundle_paths, load_card
-
-    paths = bundle_paths(bundle)
-    if not paths.card.is_file():
-        raise BundleError(f"{paths.card} not found: a bundle needs its card.json")
-    load_card(paths.root)  # validates: JSON object, classes, finite temperature, ...
-    return json.loads(paths.card.read_text())
 
 
 class Engine(Protocol):
@@ -36,7 +27,7 @@ class Engine(Protocol):
 
     backend: str  # "torch" | "onnx"
     classes: list[str]  # probability columns, the card's order
-    card: Any  # the card in force (an int8 graph's carries its own temperature and gate)
+    card: Card  # the card in force (an int8 graph's carries its own temperature and gate)
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 crops → (N, K) float32 probabilities (temperature applied)."""
@@ -66,8 +57,7 @@ class TorchEngine:
 
         from cellclf.model.network import load_bundle
 
-        self.model, card = load_bundle(bundle)
-        self.card = card.to_dict() if hasattr(card, "to_dict") else dict(card)
+        self.model, self.card = load_bundle(bundle)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -75,8 +65,8 @@ class TorchEngine:
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.batch = batch or (4096 if self.device.type == "cuda" else 256)
-        self.classes = list(self.card["classes"])
-        self.temperature = float(self.card.get("temperature", 1.0))
+        self.classes = list(self.card.classes)
+        self.temperature = float(self.card.temperature)
         if self.device.type == "cuda":
             self.warm_up()
 
@@ -116,8 +106,6 @@ class TorchEngine:
         return torch.cat(out).cpu().numpy()
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
-        from cellclf.gate.temperature import softmax
-
         return softmax(self.logits(crops), self.temperature).astype(np.float32)
 
     def warm_up(self) -> None:
@@ -126,7 +114,7 @@ class TorchEngine:
 
         if self.device.type != "cuda":
             return
-        crop = int(self.card["crop_px"])
+        crop = int(self.card.crop_px)
         size = 256
         while True:
             self.classify_tensor(torch.full((min(size, self.batch), crop, crop, 3), 255,
@@ -139,8 +127,6 @@ class TorchEngine:
         """Probabilities (host numpy) for uint8 NHWC crops already in a torch tensor (ideally on
         this engine's device: crops cut on the GPU never cross PCIe); same maths as ``classify``."""
         import torch
-
-        from cellclf.gate.temperature import softmax
 
         cuda = self.device.type == "cuda"
         out = []
@@ -179,12 +165,10 @@ class OnnxEngine:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
-        from cellclf.card import bundle_paths
-
         if precision not in PRECISIONS:
             raise BundleError(f"unknown precision {precision!r}: use fp32 or int8")
         paths = bundle_paths(bundle)
-        card = read_card(bundle)
+        card = load_card(paths.root)
         if precision == "int8":
             path, self.card = _int8_card(paths.root, card, onnx_file)
         else:
@@ -204,7 +188,7 @@ class OnnxEngine:
             raise BundleError(f"{path} was quantised from other weights than {paths.root}/model.pt "
                               f"(retrained since?): run `cellclf export {paths.root} --int8` again")
         t_graph = float(meta_card.get("temperature", 1.0))
-        t_card = float(self.card.get("temperature", 1.0))
+        t_card = float(self.card.temperature)
         if abs(t_graph - t_card) > 1e-6:
             flag = " --int8" if precision == "int8" else ""
             raise BundleError(f"{path} was exported with temperature {t_graph} but card.json says "
@@ -225,7 +209,7 @@ class OnnxEngine:
         self.batch = batch
         self.precision = precision
         self.path = path
-        self.classes = list(self.card["classes"])
+        self.classes = list(self.card.classes)
 
     def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, logits = [], []
@@ -246,7 +230,7 @@ class OnnxEngine:
         return self.run(crops)[0]
 
 
-def _int8_card(root: Path, card: dict, onnx_file: str | None) -> tuple[Path, dict]:
+def _int8_card(root: Path, card: Card, onnx_file: str | None) -> tuple[Path, Card]:
     """The int8 graph's path and the card to use with it: temperature, gate and conformal sets
     from card.json's ``int8`` section (fitted on int8 probabilities), never the fp32 ones."""
     section = card.get("int8")
@@ -258,9 +242,9 @@ def _int8_card(root: Path, card: dict, onnx_file: str | None) -> tuple[Path, dic
         raise BundleError(f"{root}/card.json's int8 section lacks {missing}: the int8 model needs "
                           "its own gate (the fp32 thresholds do not hold for int8 probabilities); "
                           f"run `cellclf export {root} --int8` again")
-    int8_card = dict(card)
-    int8_card.update(temperature=section["temperature"], gate=section["gate"],
-                     conformal=section.get("conformal"), precision="int8")
+    int8_card = card.replace(temperature=section["temperature"], gate=section["gate"],
+                             extra={**card.extra, "conformal": section.get("conformal"),
+                                    "precision": "int8"})
     return root / (onnx_file or section["file"]), int8_card
 
 
@@ -286,12 +270,10 @@ def torch_available() -> bool:
 
 
 def load_engine(bundle: str | Path, backend: str = "auto", device: str = "auto",
-                batch: int | None = None, precision: str = "fp32") -> Any:
+                batch: int | None = None, precision: str = "fp32") -> Engine:
     """Pick a backend: torch on CUDA when present, else onnxruntime when the bundle has model.onnx,
     else torch on CPU. ``backend`` = torch | onnx forces one. ``precision="int8"`` runs
     ``model.int8.onnx`` with its own gate (onnxruntime only; see :class:`OnnxEngine`)."""
-    from cellclf.card import bundle_paths
-
     paths = bundle_paths(bundle)
     if backend not in ("auto", "torch", "onnx"):
         raise BundleError(f"unknown backend {backend!r}: use auto, torch or onnx")

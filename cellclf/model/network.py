@@ -69,10 +69,6 @@ class CellClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.preprocess(x))
 
-    def forward_float(self, x_nchw: torch.Tensor) -> torch.Tensor:
-        """Logits for already-normalised float NCHW input (training with GPU augmentation)."""
-        return self.backbone(x_nchw)
-
 
 def build_model(card: Card) -> CellClassifier:
     """An untrained network matching a card (its architecture, classes and normalisation)."""

@@ -24,7 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cellclf.card import bundle_paths
 from cellclf.errors import BundleError
+from cellclf.outputs.atomic import atomic_write_json
 
 MIN_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes
 NCHWC_BLOCK = 16  # onnxruntime's NCHWc channel block on AVX-512 (8 on AVX2; 16 suits both)
@@ -252,7 +254,6 @@ def export_onnx(bundle: str | Path, out: str | Path | None = None, opset: int = 
     import onnx
     import torch
 
-    from cellclf.card import bundle_paths
     from cellclf.model.network import load_bundle
 
     max_opset = onnx.defs.onnx_opset_version()
@@ -302,8 +303,6 @@ def export_onnx(bundle: str | Path, out: str | Path | None = None, opset: int = 
 
 def _record_in_card(card_path: Path, onnx_path: Path, opset: int, fp16: bool,
                     group_block: int) -> None:
-    from cellclf.outputs.atomic import atomic_write_json
-
     data = json.loads(card_path.read_text())
     data["onnx"] = {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": opset,
                     "fp16_weights": fp16, "bytes": onnx_path.stat().st_size,

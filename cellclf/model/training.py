@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
-from cellclf.card import SYNTHETIC_NOTICE, Card
-from cellclf.evaluation.evaluate import metrics_from_confusion
+from cellclf.annotations.labelled_data import discover
+from cellclf.card import DEFAULT_OTHER_CLASS, SYNTHETIC_NOTICE, Card
+from cellclf.errors import AnnotationError
+from cellclf.evaluation.evaluate import classification_metrics, metrics_from_confusion
 from cellclf.model.augment import apply_cpu, cpu_transform, gpu_augment
 from cellclf.model.config import Config
 from cellclf.model.dataset import CropSet, Datasets, build_datasets
@@ -111,7 +113,7 @@ class CellLitModule(L.LightningModule):
     """Cross-entropy training of a CellClassifier; logs val macro-F1 over target classes."""
 
     def __init__(self, backbone: str, classes: list[str], mean: list[float], std: list[float],
-                 other_class: str = "other", lr: float = 1e-3, weight_decay: float = 1e-4,
+                 other_class: str = DEFAULT_OTHER_CLASS, lr: float = 1e-3, weight_decay: float = 1e-4,
                  loss_weights: list[float] | None = None, label_smoothing: float = 0.0,
                  gpu_augment: bool = False, gpu_hed_sigma: float = 0.03):
         super().__init__()
@@ -194,7 +196,6 @@ def eval_split(model: CellClassifier, cs: CropSet, classes: list[str], other: st
     """Crop-level metrics of a trained model on one split (None when the split is empty)."""
     if len(cs) == 0:
         return None
-    from cellclf.evaluation.evaluate import classification_metrics
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     pred = predict_logits(model, cs.crops, batch=batch, device=dev).argmax(1)
@@ -213,9 +214,6 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
     intended use; ``weights_dtype="float16"`` halves model.pt for shipped bundles.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-
-    from cellclf.annotations.labelled_data import discover
-    from cellclf.errors import AnnotationError
 
     t0 = time.time()
     out = Path(out)

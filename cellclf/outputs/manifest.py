@@ -95,7 +95,3 @@ class Manifest:
         for r in self.rows.values():
             writer.writerow(asdict(r))
         atomic_write_text(self.path, buf.getvalue())
-
-    @property
-    def failed(self) -> list[ManifestRow]:
-        return [r for r in self.rows.values() if r.status == "failed"]

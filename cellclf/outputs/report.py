@@ -15,20 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellclf.annotations.geojson import class_color
 from cellclf.gate.slide_guard import OOD_ACTION
 from cellclf.outputs.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from cellclf.outputs.slide_result import SlideResult
 
-TARGET_ORDER = ("eosinophil", "neutrophil", "mast_cell")
-
-
 def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 1600) -> None:
-    """Thumbnail with a translucent eosinophil-density map, coloured cell dots and the hotspot HPF."""
+    """Thumbnail with a translucent density map of the first target class (the card's order),
+    coloured dots of the target classes and that class's hotspot HPF."""
     from PIL import Image, ImageDraw, ImageFilter
-
-    from cellclf.annotations.geojson import class_color
 
     thumb = Image.fromarray(np.ascontiguousarray(result.thumbnail)).convert("RGB")
     ds = float(result.thumb_downsample)
@@ -38,8 +35,8 @@ def write_overlay(path: Path, result: SlideResult, summary: dict, max_px: int = 
                              Image.Resampling.LANCZOS)
         ds = ds / scale
     pred = result.pred
-    # density of the first target class present (eosinophils by default), blurred at ~1/2 HPF
-    dens_cls = next((c for c in TARGET_ORDER if c in result.classes), result.classes[0])
+    # density of the first target class, blurred at ~1/2 HPF
+    dens_cls = (result.target_classes or result.classes)[0]
     k = result.classes.index(dens_cls)
     pts = result.xy0[pred == k] / ds
     w, h = thumb.size
@@ -213,8 +210,6 @@ def timings_table(timings: dict[str, float]) -> str:
 
 def legend_html(classes: list[str]) -> str:
     """Inline colour swatches of the classes drawn on the overlay."""
-    from cellclf.annotations.geojson import class_color
-
     return ", ".join(f"<span style='color:rgb{class_color(c)}'>&#9679;</span> {html.escape(c)}"
                      for c in classes)
 

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclf.annotations.geojson import write_points
+from cellclf.card import Card
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.outputs.clinical_call import Rule, clinical_calls, load_rules
 from cellclf.outputs.hpf import DEFAULT_HPF_AREA_MM2, density_per_mm2, peak_hpf
+from cellclf.outputs.report import write_overlay, write_report
 from cellclf.outputs.slide_result import SlideResult
 
 
@@ -47,7 +50,7 @@ def audit_summary(result: SlideResult) -> dict:
                     "errors and the bound on the accepted error"}
 
 
-def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
+def build_summary(result: SlideResult, card: Card, params: dict, versions: dict,
                   hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2,
                   rules: list[Rule] | None = None) -> dict:
     counts = count_table(result)
@@ -59,7 +62,7 @@ def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
             "accepted": density_per_mm2(counts[name]["accepted"], result.tissue_area_mm2),
             "total": density_per_mm2(counts[name]["total"], result.tissue_area_mm2),
         }
-        if name != card.get("other_class"):
+        if name != result.other_class:
             hotspots[name] = peak_hpf(result.xy0[pred == k], result.mpp, hpf_area_mm2).to_dict()
     reasons, reason_counts = np.unique(result.reason.astype(str), return_counts=True)
     n = result.n_cells
@@ -88,7 +91,7 @@ def build_summary(result: SlideResult, card: dict, params: dict, versions: dict,
         "timings_s": result.timings_s,
         "versions": versions,
         "parameters": params,
-        "model_card": card,
+        "model_card": card.to_dict(),
         **({"extra": result.extra} if result.extra else {}),
     }
 
@@ -122,8 +125,6 @@ def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -
 
 
 def write_cells_geojson(path: Path, result: SlideResult) -> int:
-    from cellclf.annotations.geojson import write_points
-
     classes = result.classes
     pred = result.pred
 
@@ -141,12 +142,10 @@ def write_cells_geojson(path: Path, result: SlideResult) -> int:
     return write_points(path, features())
 
 
-def write_slide_results(out_dir: Path, result: SlideResult, card: dict, params: dict,
+def write_slide_results(out_dir: Path, result: SlideResult, card: Card, params: dict,
                         versions: dict, hpf_area_mm2: float = DEFAULT_HPF_AREA_MM2,
                         rules: list[Rule] | None = None) -> Path:
     """Write every output of one slide into ``out_dir/<slide_id>/`` atomically (temp dir + rename)."""
-    from cellclf.outputs.report import write_overlay, write_report
-
     final = Path(out_dir) / result.slide_id
     for stale in Path(out_dir).glob(f".tmp-{result.slide_id}-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)

@@ -32,6 +32,12 @@ class SlideResult:
     extra: dict[str, Any] = field(default_factory=dict)
     audited: np.ndarray | None = None  # (N,) bool: auto-accepted cells sent to review as audit
     audit_rate: float = 0.0
+    other_class: str | None = None  # the card's catch-all class (no hotspot, no overlay dots)
+
+    @property
+    def target_classes(self) -> list[str]:
+        """The classes the model is for: every class but the card's catch-all."""
+        return [c for c in self.classes if c != self.other_class]
 
     @property
     def pred(self) -> np.ndarray:

@@ -23,11 +23,14 @@ from typing import Any
 
 from rich.markup import escape
 
+from cellclf.card import load_card
 from cellclf.errors import CellclfError
 from cellclf.gate.audit_bound import DEFAULT_AUDIT_RATE, DEFAULT_BLIND_SHARE
 from cellclf.gate.slide_guard import OOD_ACTION
+from cellclf.model.engine import load_engine
 from cellclf.outputs.clinical_call import load_rules
 from cellclf.outputs.manifest import Manifest, ManifestRow, slide_id_for
+from cellclf.pipeline.ray_workers import run_on_ray
 from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, process_slide, utc_now
 from cellclf.versions import software_versions
 
@@ -122,14 +125,10 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
                    device_decode=device_decode, audit_rate=audit_rate, blind_share=blind_share,
                    site=site, clinical_rules=str(clinical_rules) if clinical_rules else None)
     if distributed:  # the workers load the engine; the driver only checks the model and store
-        from cellclf.model.engine import read_card
-
         engine = None
-        store = open_store(review_url, read_card(model))
+        store = open_store(review_url, load_card(model))
         store.close()
     else:
-        from cellclf.model.engine import load_engine
-
         engine = load_engine(model, backend=backend, device=device, batch=batch,
                              precision=precision)
         store = open_store(review_url, engine.card)
@@ -159,8 +158,6 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
             bar.advance(batch_task)
 
         if distributed:
-            from cellclf.pipeline.ray_workers import run_on_ray
-
             run_on_ray(job, todo, review_url, record, console=console, address=ray_address,
                        gpus=gpus)
             return report
@@ -187,7 +184,7 @@ def _record(outcome: SlideOutcome, path: Path, manifest: Manifest, report: Batch
         counts = outcome.counts or {}
         console.print(f"[green]done[/] {sid}: {row.n_cells} cells, "
                       + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"
-                                  for k, v in counts.items() if k != "other")
+                                  for k, v in counts.items() if k != outcome.other_class)
                       + f", {row.n_review} to review, {row.n_audited} audited"
                       + (f"; {escape(row.clinical_call)}" if row.clinical_call else "")
                       + f" → {out_dir / sid / 'report.html'}")

@@ -23,6 +23,7 @@ import numpy as np
 from cellclf.annotations.geojson import read_points
 from cellclf.errors import AnnotationError
 from cellclf.gate.thresholds import review_priority
+from cellclf.model.engine import load_engine
 from cellclf.outputs.manifest import slide_id_for
 from cellclf.outputs.results import count_table, write_slide_results
 from cellclf.outputs.slide_result import SlideResult
@@ -118,8 +119,6 @@ def run_classify_cells(slide: str | Path, cells: str | Path, model: str | Path,
     """``cellclf classify-cells``: classify the cells of ``cells`` on ``slide`` and write
     ``out_dir/<slide_id>/`` as ``infer`` does; gated cells go to the review store (default
     ``out_dir/review.sqlite``). Returns (slide folder, counts by class, cells sent to review)."""
-    from cellclf.model.engine import load_engine
-
     slide, out_dir = Path(slide), Path(out_dir)
     if not slide.exists():
         raise AnnotationError(f"{slide}: slide not found; check the path")

@@ -198,7 +198,7 @@ def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarra
         slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
         predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
         conformal_set=[c for k, c in enumerate(classes) if conformal[i, k]], reason=str(reason[i]),
-        priority=float(priority[i]), crop_png=crop_jpeg[i], context_png=ctx_jpeg[i],
+        priority=float(priority[i]), crop_png=crop_jpeg[i], context_image=ctx_jpeg[i],
         slide_path=slide_path, audit=bool(audit is not None and audit[i]),
         blind=bool(blind is not None and blind[i]), site=site, image_mpp=image_mpp,
         slide_mpp=slide_mpp) for i in range(len(ids))]

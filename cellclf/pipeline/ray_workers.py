@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from cellclf.errors import CellclfError
+from cellclf.model.engine import load_engine
 from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, process_slide
+from cellclf.versions import software_versions
 
 MAX_RESTARTS = 2  # a worker that dies (segfault, out of memory) is restarted this often
 
@@ -49,9 +51,6 @@ class SlideWorker:
     def __init__(self, job: SlideJob, review_url: str, device: str):
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        from cellclf.model.engine import load_engine
-        from cellclf.versions import software_versions
-
         self.job = job
         self.engine = load_engine(job.model, backend=job.backend, device=device, batch=job.batch,
                                   precision=job.precision)
@@ -63,7 +62,6 @@ class SlideWorker:
         return self.where
 
     def run(self, path: str, slide_id: str, index: int) -> SlideOutcome:
-
 
         return process_slide(self.job, Path(path), slide_id, index, self.engine, self.store,
                              self.versions)

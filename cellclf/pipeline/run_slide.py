@@ -22,6 +22,7 @@ import numpy as np
 
 from cellclf.card import Card
 from cellclf.detect.classical import detect_halo_um
+from cellclf.detect.stain import slide_stain
 from cellclf.errors import ConfigError, ModelMismatchError
 from cellclf.gate.audit_bound import (
     DEFAULT_AUDIT_RATE,
@@ -81,6 +82,7 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         tiles = reader.grid(params.tile_um, halo_um, tissue, params.min_tissue_fraction)
         clock.lap("open_tissue_tiling")
         ood = ood_check(reader, tissue, card, params)
+        stain = slide_stain(reader, tissue, params.tile_um)  # recorded in summary.json
         clock.lap("ood_check")
         gate = SlideGate(card, ood_slide=ood["flagged"])
         cells = _Cells(len(gate.classes))
@@ -106,7 +108,9 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         slide_id=slide_id, path=str(path), mpp=reader.mpp, width=reader.width,
         height=reader.height, vendor=reader.vendor, classes=gate.classes, **cells.arrays(),
         tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
-        ood=ood, timings_s=timings, extra={"n_tiles": len(tiles), **stage.info},
+        ood=ood, timings_s=timings,
+        extra={"n_tiles": len(tiles), **stage.info, "stain": stain.to_dict()},
+        other_class=card.other_class,
         audit_rate=params.audit_rate if on_review is not None else 0.0)
 
 

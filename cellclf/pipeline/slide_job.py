@@ -11,12 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.card import Card
 from cellclf.errors import CellclfError, os_error_message
 from cellclf.gate.audit_bound import DEFAULT_AUDIT_RATE, DEFAULT_BLIND_SHARE
+from cellclf.model.engine import Engine
 from cellclf.outputs.clinical_call import load_rules, manifest_text
 from cellclf.outputs.manifest import ManifestRow
 from cellclf.outputs.results import count_table, write_slide_results
 from cellclf.pipeline.run_slide import RunParams, run_slide
+from cellclf.review.store import ReviewStore
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class SlideOutcome:
 
     row: ManifestRow
     counts: dict[str, dict[str, int]] | None = None
+    other_class: str | None = None  # the card's catch-all (left out of the console line)
     ood_reasons: list[str] | None = None  # the slide-level guard's reasons, when it flagged
 
     @classmethod
@@ -52,7 +56,8 @@ class SlideOutcome:
         return cls(ManifestRow(slide_id, path, "failed", reason, 0, 0, seconds, utc_now()))
 
 
-def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Any, store: Any,
+def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: Engine,
+                  store: ReviewStore,
                   versions: dict[str, str], progress: Any = None) -> SlideOutcome:
     """The per-slide body of a batch: run_slide → write_slide_results → review store. Never raises:
     a bad slide comes back as a failed outcome with its reason. Used by the local loop and by the
@@ -84,7 +89,7 @@ def process_slide(job: SlideJob, path: Path, slide_id: str, index: int, engine: 
                           n_audited=int(result.audited.sum()) if result.audited is not None else 0,
                           clinical_call=manifest_text(calls))
         ood = result.ood or {}
-        return SlideOutcome(row, count_table(result),
+        return SlideOutcome(row, count_table(result), card.other_class,
                             list(ood.get("reasons", [])) if ood.get("flagged") else None)
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
         reason = (str(exc) if isinstance(exc, CellclfError) else os_error_message(exc)
@@ -98,10 +103,8 @@ def _read_calls(slide_dir: Path) -> list[dict]:
     return json.loads((Path(slide_dir) / "summary.json").read_text()).get("clinical_call", [])
 
 
-def open_store(url: str, card: dict) -> Any:
-    from cellclf.review.store import ReviewStore
-
-    return ReviewStore(url, classes=list(card["classes"]))
+def open_store(url: str, card: Card) -> ReviewStore:
+    return ReviewStore(url, classes=list(card.classes))
 
 
 def _fault(point: str) -> None:

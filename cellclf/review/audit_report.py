@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from cellclf.card import load_card
 from cellclf.errors import CellclfError
 from cellclf.gate.audit_bound import agreement_report, audit_report
 from cellclf.review.store import CANT_TELL, ReviewStore
@@ -21,7 +22,6 @@ def model_alphas(model: str | Path | None, classes: list[str], alpha: float) -> 
     """α per class: from the bundle's gate when given, else ``alpha`` for every class."""
     if model is None:
         return {c: float(alpha) for c in classes}
-    from cellclf.card import load_card
 
     card = load_card(model)
     if not card.gate:

@@ -16,6 +16,7 @@ from typing import Any
 from cellclf.errors import AnnotationError
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.outputs.clinical_call import calls_after_review
+from cellclf.outputs.report import write_report
 from cellclf.review.store import CANT_TELL, FinalLabel, ReviewStore, ReviewStoreError, open_store
 
 
@@ -104,8 +105,6 @@ def finalize_results(store: ReviewStore | str, results_dir: str | Path,
         _update_clinical_call(path.parent, summary, finals)
         atomic_write_json(path, summary)
         if report:
-            from cellclf.outputs.report import write_report
-
             write_report(path.parent)
         out[slide_id] = summary["final"]
     return out

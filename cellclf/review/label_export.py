@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cellclf.annotations.geojson import write_points
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.review.store import CANT_TELL, FinalLabel, ReviewStore, ReviewStoreError, open_store
 
@@ -46,8 +47,6 @@ def export_labels(store: ReviewStore | str, out_dir: str | Path,
 
     Tally per slide: ``{file, written, labelled, cant_tell, pending, disputed}``.
     """
-    from cellclf.annotations.geojson import write_points
-
     st = open_store(store)
     out = Path(out_dir)
     try:

@@ -17,7 +17,6 @@ One API over SQLite (default; WAL, busy timeout, ``BEGIN IMMEDIATE`` claims) and
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,12 +25,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cellclf.model.config import DEFAULT_CLASSES  # a new store's classes when none are given
 from cellclf.review import schema as S
 from cellclf.review.queries import StoreQueries
 from cellclf.review.schema import ReviewStoreError
 from cellclf.review.types import (
     CANT_TELL,
-    DEFAULT_CLASSES,
     MODES,
     NOT_A_CELL,
     REASONS,
@@ -39,8 +38,10 @@ from cellclf.review.types import (
     Item,
     LeaseError,
     ReviewItem,
+    check_class_list,
+    check_item,
     consensus,
-    image_media_type,
+    labels_for,
 )
 
 __all__ = ["CANT_TELL", "DEFAULT_CLASSES", "NOT_A_CELL", "REASONS", "FinalLabel", "Item", "LeaseError",
@@ -69,7 +70,7 @@ class ReviewStore(StoreQueries):
             stored = dict(c.execute(sa.select(S.meta.c.key, S.meta.c.value)).all())
             if "classes" not in stored:
                 cls = list(classes or DEFAULT_CLASSES)
-                self._check_classes(cls)
+                check_class_list(cls)
                 c.execute(sa.insert(S.meta).values(key="classes", value=json.dumps(cls)))
                 stored["classes"] = json.dumps(cls)
             if required_reviews is not None:
@@ -86,7 +87,7 @@ class ReviewStore(StoreQueries):
                 "store for a model with other classes")
         self.required_reviews = int(stored.get("required_reviews", "1"))
         self.mode: str = stored.get("mode", "review")
-        self.labels: list[str] = self._labels_for(self.classes, self.mode)
+        self.labels: list[str] = labels_for(self.classes, self.mode)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -104,18 +105,6 @@ class ReviewStore(StoreQueries):
         else:
             c.execute(sa.insert(S.meta).values(key=key, value=value))
 
-    @staticmethod
-    def _check_classes(cls: list[str]) -> None:
-        if not cls or len(set(cls)) != len(cls) or {CANT_TELL, NOT_A_CELL} & set(cls):
-            raise ReviewStoreError(f"invalid class list {cls}: names must be unique, non-empty "
-                                   f"and not {CANT_TELL!r} or {NOT_A_CELL!r}")
-
-    @staticmethod
-    def _labels_for(classes: list[str], mode: str) -> list[str]:
-        """The labels a reviewer may give: the classes, can't tell, and in labelling mode also
-        not a cell."""
-        return [*classes, CANT_TELL] + ([NOT_A_CELL] if mode == "labelling" else [])
-
     def set_mode(self, mode: str) -> None:
         """``review`` (gated cells of inference) or ``labelling`` (``cellclf label`` projects:
         cells chosen for labelling, with the extra label ``not_a_cell``)."""
@@ -124,7 +113,7 @@ class ReviewStore(StoreQueries):
         with self._tx(write=True) as c:
             self._set_meta(c, "mode", mode)
         self.mode = mode
-        self.labels = self._labels_for(self.classes, mode)
+        self.labels = labels_for(self.classes, mode)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -138,7 +127,7 @@ class ReviewStore(StoreQueries):
         cls = list(classes)
         if cls == self.classes:
             return
-        self._check_classes(cls)
+        check_class_list(cls)
         with self._tx(write=True) as c:
             if c.execute(sa.select(S.items.c.id).limit(1)).first() is not None:
                 raise ReviewStoreError(
@@ -146,35 +135,12 @@ class ReviewStore(StoreQueries):
                     f"use a new store for classes {cls}")
             self._set_meta(c, "classes", json.dumps(cls))
         self.classes = cls
-        self.labels = self._labels_for(cls, self.mode)
+        self.labels = labels_for(cls, self.mode)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ------------------------------------------------------------------ filling
-
-    def _validate(self, it: ReviewItem) -> None:
-        where = f"review item (slide {it.slide_id!r}, cell {it.cell_id})"
-        if not it.slide_id:
-            raise ReviewStoreError(f"{where}: slide_id is empty")
-        if it.predicted not in self.classes:
-            raise ReviewStoreError(f"{where}: predicted {it.predicted!r} is not one of the "
-                                   f"store's classes {self.classes}")
-        if it.reason not in REASONS:
-            raise ReviewStoreError(f"{where}: reason {it.reason!r} is not one of {REASONS}")
-        unknown = (set(it.probs) | set(it.conformal_set)) - set(self.classes)
-        if unknown:
-            raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
-                                   "conformal_set")
-        if image_media_type(it.crop_png) is None:
-            raise ReviewStoreError(f"{where}: crop_png is not a PNG or JPEG image")
-        for name in ("image_mpp", "slide_mpp"):
-            value = getattr(it, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ReviewStoreError(f"{where}: {name} must be a positive number of µm per "
-                                       f"pixel or None, got {value!r}")
-        if it.context_png and image_media_type(it.context_png) is None:
-            raise ReviewStoreError(f"{where}: context_png is neither empty nor a PNG/JPEG image")
 
     def add_items(self, items: Iterable[ReviewItem], batch: int = 1000) -> int:
         """Queue cells; one transaction per ``batch``; already queued cells are skipped.
@@ -184,7 +150,7 @@ class ReviewStore(StoreQueries):
         added = 0
         chunk: list[ReviewItem] = []
         for it in items:
-            self._validate(it)
+            check_item(it, self.classes)
             chunk.append(it)
             if len(chunk) >= batch:
                 added += self._add_chunk(chunk)
@@ -206,7 +172,7 @@ class ReviewStore(StoreQueries):
                      image_mpp=_float_or_none(it.image_mpp), slide_mpp=_float_or_none(it.slide_mpp))
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
-                     context_png=bytes(it.context_png)) for it in unique.values()]
+                     context_png=bytes(it.context_image)) for it in unique.values()]
         with self._tx(write=True) as c:
             added = c.execute(self._insert(S.items).on_conflict_do_nothing(
                 index_elements=["slide_id", "cell_id"]).returning(S.items.c.id), rows).all()

@@ -6,12 +6,12 @@ No database access and no web imports here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cellclf.review.schema import ReviewStoreError
 
-DEFAULT_CLASSES: tuple[str, ...] = ("eosinophil", "neutrophil", "mast_cell", "other")
 CANT_TELL = "cant_tell"
 NOT_A_CELL = "not_a_cell"  # a label of labelling mode only (a detector candidate that is no cell)
 TO_LABEL = "to_label"  # reason of a cell `cellclf label` chose to label (its label trains)
@@ -40,7 +40,7 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_png`` is a larger view *centred on the cell* (the UI marks the centre) and
+    ``context_image`` is a larger view *centred on the cell* (the UI marks the centre) and
     ``crop_png`` the model's input crop, each PNG or JPEG (the names are historical; batch
     inference stores JPEG for both, which keeps a queued cell under 10 KB, and the slide's own
     tiles are JPEG already). ``image_mpp``: their µm per pixel (the model's); ``slide_mpp``: the
@@ -59,7 +59,7 @@ class ReviewItem:
     reason: str
     priority: float
     crop_png: bytes
-    context_png: bytes
+    context_image: bytes  # PNG or JPEG (stored in the images table's context_png column)
     slide_path: str | None = None
     audit: bool = False  # an auto-accepted cell sampled for the running audit (reviewer not told)
     blind: bool = False  # the UI hides the model's answer until the reviewer has answered
@@ -121,3 +121,41 @@ def consensus(votes: Sequence[str], required: int) -> tuple[str | None, str]:
     if len(set(votes)) == 1:
         return votes[0], "done"
     return None, "disputed"
+
+
+def check_class_list(classes: list[str]) -> None:
+    """ReviewStoreError unless the names are unique, non-empty and not a reserved label."""
+    if not classes or len(set(classes)) != len(classes) or {CANT_TELL, NOT_A_CELL} & set(classes):
+        raise ReviewStoreError(f"invalid class list {classes}: names must be unique, non-empty "
+                               f"and not {CANT_TELL!r} or {NOT_A_CELL!r}")
+
+
+def labels_for(classes: list[str], mode: str) -> list[str]:
+    """The labels a reviewer may give: the classes, can't tell, and in labelling mode also
+    not a cell."""
+    return [*classes, CANT_TELL] + ([NOT_A_CELL] if mode == "labelling" else [])
+
+
+def check_item(it: ReviewItem, classes: list[str]) -> None:
+    """ReviewStoreError naming the cell unless ``it`` fits a store of ``classes``."""
+    where = f"review item (slide {it.slide_id!r}, cell {it.cell_id})"
+    if not it.slide_id:
+        raise ReviewStoreError(f"{where}: slide_id is empty")
+    if it.predicted not in classes:
+        raise ReviewStoreError(f"{where}: predicted {it.predicted!r} is not one of the "
+                               f"store's classes {classes}")
+    if it.reason not in REASONS:
+        raise ReviewStoreError(f"{where}: reason {it.reason!r} is not one of {REASONS}")
+    unknown = (set(it.probs) | set(it.conformal_set)) - set(classes)
+    if unknown:
+        raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
+                               "conformal_set")
+    if image_media_type(it.crop_png) is None:
+        raise ReviewStoreError(f"{where}: crop_png is not a PNG or JPEG image")
+    for name in ("image_mpp", "slide_mpp"):
+        value = getattr(it, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ReviewStoreError(f"{where}: {name} must be a positive number of µm per pixel "
+                                   f"or None, got {value!r}")
+    if it.context_image and image_media_type(it.context_image) is None:
+        raise ReviewStoreError(f"{where}: context_image is neither empty nor a PNG/JPEG image")

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from cellclf.wsi.jpeg_tiles import JpegTileSource
 from cellclf.wsi.slide import ReadPlan, plan_read
 from cellclf.wsi.tiling import Tile
 
@@ -78,8 +79,6 @@ class DeviceTileReader:
     """Reads batches of tile windows of one slide onto ``device`` (see module doc)."""
 
     def __init__(self, reader, device: str | torch.device, io_workers: int = 8) -> None:
-        from cellclf.wsi.jpeg_tiles import JpegTileSource
-
         self.reader = reader
         self.device = torch.device(device)
         self.levels = reader.fast_levels

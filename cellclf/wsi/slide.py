@@ -27,7 +27,6 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -37,14 +36,6 @@ LEVEL_TOLERANCE = 0.01  # a level may be up to 1 % coarser than needed (0.499 µ
 MPP_RANGE = (0.01, 100.0)  # plausible µm per pixel; anything else in the metadata is ignored
 _EXACT = 1e-9
 _MAX_READ_PX = 48_000_000  # thumbnails read larger level regions in bands
-
-
-class LevelSource(Protocol):
-    """Something that reads integer level-pixel rectangles exactly (the fast JPEG path)."""
-
-    def serves(self, level: int) -> bool: ...
-
-    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -284,17 +275,14 @@ class Slide:
         out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = rgb
         return out, shift
 
-    def read_region_mpp(self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int,
-                        source: LevelSource | None = None) -> np.ndarray:
+    def read_region_mpp(self, x0: float, y0: float, w0: float, h0: float, out_w: int,
+                        out_h: int) -> np.ndarray:
         """Level-0 box (x0, y0, w0, h0) → RGB uint8 (out_h, out_w, 3); white outside the slide.
 
-        Integer boxes are the usual case; float boxes read sub-pixel windows. ``source`` (the
-        fast JPEG path) serves the level read when it can; otherwise OpenSlide does.
+        Integer boxes are the usual case; float boxes read sub-pixel windows (OpenSlide; the fast
+        JPEG path is :meth:`cellclf.wsi.tile_reader.TileReader.read_box`).
         """
         plan = plan_read(self.level_downsamples, x0, y0, w0, h0, out_w, out_h)
-        if source is not None and source.serves(plan.level):
-            rgb = source.read_level(plan.level, plan.x, plan.y, plan.w, plan.h)
-            return finish_read(rgb, plan)
         if not float(self.level_downsamples[plan.level]).is_integer() and plan.box is None:
             plan = plan_read(self.level_downsamples, x0, y0, w0, h0, out_w, out_h, resample=True)
         rgb, shift = self.read_level(plan.level, plan.x, plan.y, plan.w, plan.h)

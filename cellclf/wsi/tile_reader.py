@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.bounded_work import bounded_map
+from cellclf.errors import ConfigError
 from cellclf.wsi.jpeg_tiles import JpegTileSource, TileCache, probe
 from cellclf.wsi.slide import Slide, finish_read, plan_read
 from cellclf.wsi.tiling import Tile, tile_grid
@@ -59,8 +60,6 @@ class TileReader:
             self.level_dimensions = slide.level_dimensions
             self.level_downsamples = slide.level_downsamples
         if not work_mpp > 0:
-            from cellclf.errors import ConfigError
-
             raise ConfigError(f"work_mpp must be a positive µm per pixel, got {work_mpp!r}")
         self.work_mpp = float(work_mpp)
         self.fast_levels = probe(self.path, self.level_dimensions, self.vendor) if fast else {}

@@ -117,7 +117,7 @@ def main() -> int:
         render_slide(a.work, a.width, a.height, mpp=0.25, seed=77, difficulty=0.3, name=name,
                      workers=a.workers, progress=True)
     t_render = time.perf_counter() - t0
-    card = load_card(a.model).to_dict()
+    card = load_card(a.model)
     engine = load_engine(a.model, backend=a.backend, device=a.device)
     _warm_up(engine, card)
     # decode floor: read every tissue tile at the model's mpp, as the pipeline does, nothing else
