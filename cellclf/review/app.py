@@ -118,6 +118,10 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     def secure(request: Request) -> bool:
         return request.url.scheme == "https" if secure_cookies is None else secure_cookies
 
+    def class_filter(predicted: str | None) -> str | None:
+        """The queue's class filter; off in blind-all mode (it would reveal the model's label)."""
+        return None if blind_all else (predicted or None)
+
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
         response = await call_next(request)
@@ -207,7 +211,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     @app.get("/", response_class=HTMLResponse)
     def queue_page(request: Request, slide: str | None = None, predicted: str | None = None,
                    s: auth.Session = Depends(session)) -> Response:
-        slide, predicted = slide or None, predicted or None
+        slide, predicted = slide or None, class_filter(predicted)
         items = st.queue(slide, predicted, limit=QUEUE_PAGE_ROWS + 1)
         return page(request, "queue.html", s, slide=slide, predicted=predicted,
                     items=items[:QUEUE_PAGE_ROWS], more=len(items) > QUEUE_PAGE_ROWS,
@@ -231,7 +235,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     def progress(slide: str | None, predicted: str | None = None) -> dict[str, Any]:
         """Progress of the reviewer's scope: the filter (slide and/or predicted class) when one is
         set, else the whole store."""
-        slide, predicted = slide or None, predicted or None
+        slide, predicted = slide or None, class_filter(predicted)
         if slide or predicted:
             return {"slide": st.progress(slide, predicted), "predicted": predicted}
         return {"slide": None, "all": st.progress()}
@@ -243,14 +247,14 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
     @app.post("/api/claim")
     def api_claim(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
-        item = st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s,
-                        exclude=body.exclude)
+        item = st.claim(s.user, body.slide or None, class_filter(body.predicted),
+                        lease_s=lease_s, exclude=body.exclude)
         return {"item": as_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/label")
     def api_label(item_id: int, body: LabelIn, s: auth.Session = Depends(csrf)) -> dict:
         audit_id = st.label(s.user, item_id, body.label, blind_all=blind_all)
-        nxt = (st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s)
+        nxt = (st.claim(s.user, body.slide or None, class_filter(body.predicted), lease_s=lease_s)
                if body.next else None)
         # the labelled cell with the model's answer revealed (it was hidden in blind review)
         return {"audit_id": audit_id, "item": as_json(nxt),

@@ -239,8 +239,8 @@ class ReviewStore(StoreQueries):
         q = sa.select(it).where(it.c.needs_review == 1)
         if slide:
             q = q.where(it.c.slide_id == bp("slide"))
-        if predicted:
-            q = q.where(it.c.predicted == bp("predicted"))
+        if predicted:  # a class filter would reveal blind cells' model label: they are left out
+            q = q.where(it.c.predicted == bp("predicted"), it.c.blind == 0)
         if exclude:
             q = q.where(it.c.id.not_in(bp("exclude", expanding=True)))
         order = (it.c.priority.desc(), it.c.id)
