@@ -214,7 +214,7 @@ def test_schema_v3_upgrade_keeps_items_and_marks_old_labels_unknown(tmp_path):
     engine.dispose()
     st = ReviewStore(url, classes=list(DEFAULT_CLASSES))
     with st.engine.connect() as c:
-        assert S.current_version(c) == 3
+        assert S.current_version(c) == S.SCHEMA_VERSION  # v3 and later
         cols = {col["name"] for col in sa.inspect(c).get_columns("items")}
     assert {"audit", "blind", "site"} <= cols
     st.close()
@@ -314,3 +314,22 @@ def test_calibrate_from_review_writes_raised_thresholds(random_bundle, tmp_path)
     assert gate["thresholds"]["eosinophil"] >= 0.78
     assert gate["refit_from_audit"]["previous_thresholds"]["eosinophil"] == 0.5
     assert "eosinophil: 0.5000 →" in res.output
+
+
+def test_class_filter_never_reveals_blind_cells(tmp_path):
+    """Filtering the queue by the model's class would tell the reviewer a blind cell's model
+    label: blind cells are left out of class-filtered queues, claims and progress."""
+    st = ReviewStore(str(tmp_path / "r.sqlite"), classes=list(DEFAULT_CLASSES))
+    probs = {"eosinophil": 0.7, "other": 0.3}
+    st.add_items([ReviewItem("s", 1, 1.0, 1.0, "eosinophil", probs, ["eosinophil"],
+                             "low_confidence", 0.9, PNG, b"", blind=True),
+                  ReviewItem("s", 2, 2.0, 1.0, "eosinophil", probs, ["eosinophil"],
+                             "low_confidence", 0.5, PNG, b"")])
+    assert [it.cell_id for it in st.queue(predicted="eosinophil")] == [2]
+    assert [it.cell_id for it in st.queue()] == [1, 2]
+    assert st.progress(predicted="eosinophil")["total"] == 1
+    claimed = st.claim("ann", predicted="eosinophil")
+    assert claimed is not None and claimed.cell_id == 2
+    assert st.claim("bob", predicted="eosinophil") is None
+    assert st.claim("bob").cell_id == 1  # the blind cell is served without a class filter
+    st.close()

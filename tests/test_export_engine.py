@@ -27,9 +27,9 @@ def test_onnx_file_carries_the_card(random_bundle):
     meta = onnx_card(random_bundle / "model.onnx")
     assert meta["classes"] == card["classes"] and meta["crop_px"] == 64
     assert meta["gate"]["thresholds"]["eosinophil"] == 0.5
-    from cellclf.model.onnx_export import sha256_file
+    from cellclf.card import file_sha256
 
-    assert card["onnx"]["sha256"] == sha256_file(random_bundle / "model.onnx")
+    assert card["onnx"]["sha256"] == file_sha256(random_bundle / "model.onnx")
     assert not list(random_bundle.glob("*.data"))  # one file, no external data
 
 

@@ -58,9 +58,9 @@ def test_int8_section_and_graph(int8_bundle):
     assert sec["calibration"]["slides"] == ["tiny_svs"] and sec["quantization"]["slides"] == ["tiny"]
     assert sec["calibration"]["n_cells"] > 100 and sec["quantization"]["n_crops"] == 256
     assert sec["source_sha256"] == card["sha256"]
-    from cellclf.model.onnx_export import sha256_file
+    from cellclf.card import file_sha256
 
-    assert sec["sha256"] == sha256_file(int8_bundle / "model.int8.onnx")
+    assert sec["sha256"] == file_sha256(int8_bundle / "model.int8.onnx")
     meta = onnx_card(int8_bundle / "model.int8.onnx")
     assert meta["onnx"]["precision"] == "int8"
     assert meta["temperature"] == pytest.approx(sec["temperature"]) and meta["gate"] == sec["gate"]

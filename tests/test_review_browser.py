@@ -146,3 +146,74 @@ def test_keyboard_review_session(browser, tmp_path):
     if os.environ.get("CELLCLF_ARTIFACTS"):
         dest = Path(os.environ["CELLCLF_ARTIFACTS"]) / "review-browser"
         shutil.copytree(shots, dest, dirs_exist_ok=True)
+
+
+def test_cell_view_shows_a_scale_bar_and_zooms(browser, tiny_slide, tmp_path):
+    """The first cell's slide is reachable: both views at its native 0.25 µm/px with a scale bar;
+    Z and a click zoom 1× → 2× → 4× → 1× and the bar follows. The next cell's slide is gone: the
+    stored 0.5 µm/px views, still with a correct scale bar."""
+    import numpy as np
+
+    from cellclf.pipeline.host_stage import review_items
+    from cellclf.wsi.crops import cut_crops
+    from cellclf.wsi.slide import Slide
+
+    with Slide(tiny_slide[0]) as slide:
+        rgb = slide.read_region_mpp(0, 0, slide.width, slide.height, slide.width // 2,
+                                    slide.height // 2)
+    from cellclf.detect.classical import detect_cells
+
+    centres = detect_cells(rgb, 0.5)[[5, 20]].astype(np.float64)  # px at 0.5 µm/px
+    probs = np.array([[0.5, 0.3, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]], np.float32)
+    items = [review_items("tiny", path, np.array([k]), centres[k:k + 1] * 2, probs[k:k + 1],
+                          np.array(["low_confidence"]), np.ones((1, 4), bool),
+                          cut_crops(rgb, centres[k:k + 1], 64), cut_crops(rgb, centres[k:k + 1], 160),
+                          [k[0] for k in KINDS], np.array([1.0 - k]), image_mpp=0.5,
+                          slide_mpp=0.25)[0]
+             for k, path in enumerate([str(tiny_slide[0]), str(tmp_path / "gone.tif")])]
+    st = ReviewStore(str(tmp_path / "review.sqlite"))
+    st.add_items(items)
+    add_user(st, "dr_ana", "slides-all-day")
+    errors: list[str] = []
+    with ServerThread(create_app(st)) as srv:
+        from playwright.sync_api import expect
+
+        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/review")
+        page.fill("input[name=username]", "dr_ana")
+        page.fill("input[name=password]", "slides-all-day")
+        page.press("input[name=password]", "Enter")
+        page.wait_for_selector("body[data-ready='1']")
+        crop_res, ctx_res = page.locator("[data-testid=crop-res]"), page.locator(
+            "[data-testid=context-res]")
+        expect(crop_res).to_have_text("0.250 µm/px (native, from the slide)")
+        expect(ctx_res).to_have_text("0.250 µm/px (native, from the slide)")
+        assert page.locator("#crop").get_attribute("src").endswith("/crop/native.jpg")
+        bar = page.locator("[data-testid=crop-scale]")
+        # 128 native px shown 352 px wide: 2.75 screen px per pixel / 0.25 µm = 11 px per µm
+        for zoom, um, px in ((1, "10", 110.0), (2, "5", 110.0), (4, "2", 88.0)):
+            expect(page.locator("#crop-view")).to_have_attribute("data-zoom", str(zoom))
+            expect(bar).to_have_attribute("data-um", um)
+            assert abs(float(bar.get_attribute("data-px")) - px) < 0.5
+            assert bar.locator(".txt").inner_text() == f"{um} µm"
+            assert abs(bar.locator(".bar").bounding_box()["width"] - px) <= 3  # incl. border
+            assert f"scale({zoom})" in page.locator("#crop-view .zoom-stage").get_attribute(
+                "style")
+            page.screenshot(path=tmp_path / f"zoom-{zoom}.png")
+            page.keyboard.press("z")
+        expect(page.locator("#crop-view")).to_have_attribute("data-zoom", "1")
+        # context: 320 native px in 352: 1.1 px per pixel / 0.25 µm = 4.4 px per µm → 20 µm
+        expect(page.locator("[data-testid=context-scale]")).to_have_attribute("data-um", "20")
+        page.locator("#context-view").click()
+        expect(page.locator("#context-view")).to_have_attribute("data-zoom", "2")
+        assert page.locator("#ring").bounding_box()["width"] == pytest.approx(128, abs=1)
+        expect(page.locator("[data-testid=context-scale]")).to_have_attribute("data-um", "10")
+        page.keyboard.press("1")  # label: the next cell's slide is not reachable
+        expect(crop_res).to_have_text("0.500 µm/px (stored)")
+        assert page.locator("#crop").get_attribute("src").endswith("/crop.png")
+        # 64 stored px in 352 at 2×: 11 px per pixel / 0.5 µm = 22 px per µm → 5 µm
+        expect(bar).to_have_attribute("data-um", "5")
+        page.close()
+    assert not errors, errors

@@ -37,6 +37,9 @@ def test_infer_review_export_retrain(tiny_svs, tiny_slide, shipped_model, tmp_pa
     t_xy = np.array([[p.x, p.y] for p in pts])
     t_name = [p.name if p.name in ("eosinophil", "neutrophil", "mast_cell") else "other"
               for p in pts]
+    first = store.queue()[0]  # what the review app needs for native views and scale bars
+    assert (first.image_mpp, first.slide_mpp) == (0.5, 0.5)  # the model's; this SVS's own
+    assert first.slide_path == str(slide.absolute())
     n = 0
     while (item := store.claim("alice")) is not None:
         m = match_points(np.array([[item.x, item.y]]), t_xy, 4 / 0.5)

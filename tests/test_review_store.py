@@ -223,11 +223,13 @@ def test_upgrade_from_schema_version_1(url):
     engine.dispose()
     st = ReviewStore(url)  # upgrades to the current version
     with st.engine.connect() as c:
-        assert S.current_version(c) == S.SCHEMA_VERSION == 3
+        assert S.current_version(c) == S.SCHEMA_VERSION == 4
     assert st.progress("old") == {"total": 3, "done": 1, "pending": 2, "claimed": 0}
     assert {f.cell_id: f.label for f in st.final_labels("old")} == {0: None, 1: None,
                                                                    2: "eosinophil"}
-    assert st.claim("bob").cell_id == 1, "the labelled cell (2) is not served again"
+    claimed = st.claim("bob")
+    assert claimed.cell_id == 1, "the labelled cell (2) is not served again"
+    assert (claimed.image_mpp, claimed.slide_mpp) == (None, None)  # queued before version 4
     with st.engine.begin() as c:
         c.execute(sa.update(S.schema_version).values(version=99))
     with pytest.raises(ReviewStoreError, match="newer than this cellclf"):

@@ -28,7 +28,7 @@ import numpy as np
 
 from cellclf.annotations.labelled_data import ClassMap, discover, load_points
 from cellclf.calibration.bundle_gate import training_slide_ids
-from cellclf.card import Card, bundle_paths, load_card
+from cellclf.card import Card, bundle_paths, file_sha256, load_card
 from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import BundleError
 from cellclf.evaluation.evaluate import CellTable, classification_metrics, slide_table
@@ -36,7 +36,7 @@ from cellclf.evaluation.gate_metrics import gated_rows
 from cellclf.gate.conformal import fit_aps
 from cellclf.gate.temperature import ece, fit_temperature, softmax
 from cellclf.gate.thresholds import fit_gate
-from cellclf.model.onnx_export import export_onnx, set_metadata, sha256_file
+from cellclf.model.onnx_export import export_onnx, set_metadata
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.wsi.crops import extract_crops
 from cellclf.wsi.slide import Slide
@@ -268,7 +268,7 @@ def export_int8(bundle: str | Path, data: str | Path | None = None,
         final_tmp = paths.root / f".{INT8_FILE}.tmp"
         onnx.save(proto, str(final_tmp))
         os.replace(final_tmp, paths.root / INT8_FILE)
-    section["sha256"] = sha256_file(paths.root / INT8_FILE)
+    section["sha256"] = file_sha256(paths.root / INT8_FILE)
     section["bytes"] = (paths.root / INT8_FILE).stat().st_size
     card_d = json.loads(paths.card.read_text())
     card_d["int8"] = section

@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.annotations.geojson import read_points, write_points
+from cellclf.annotations.tile_folder import open_tile_set
+from cellclf.detect.detectors import make_tile_detector
 from cellclf.detect.matching import detection_metrics
 from cellclf.detect.slide_detection import detect_slide
+from cellclf.detect.tile_detection import detect_tile_set, score_tile_set, write_points_csv
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.wsi.slide import Slide
 
@@ -75,10 +78,6 @@ def detect_tiles_to_csv(
     pooled recall (per truth class), precision, F1 and duplicate rate are written to
     ``metrics_json`` (default ``<out stem>.metrics.json``) and returned.
     """
-    from cellclf.annotations.tile_folder import open_tile_set
-    from cellclf.detect.detectors import make_tile_detector
-    from cellclf.detect.tile_detection import detect_tile_set, score_tile_set, write_points_csv
-    from cellclf.outputs.atomic import atomic_write_json
 
     tiles = open_tile_set(folder, mpp, truth, where)
     detect = make_tile_detector(detector, tiles, detector_bundle)

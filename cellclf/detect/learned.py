@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclf.card import file_sha256
+from cellclf.detect.classical import _refine
 from cellclf.errors import BundleError
 
 SHIPPED_DETECTOR = Path(__file__).resolve().parents[2] / "models" / "cellclf-detector-v1"
@@ -93,12 +95,11 @@ class LearnedDetector:
         if self._session is None:
             import onnxruntime as ort
 
-            from cellclf.model.onnx_export import sha256_file
 
             path = self.bundle / self.card["onnx"]["file"]
             if not path.exists():
                 raise BundleError(f"{self.bundle}: ONNX file {path.name} is missing")
-            if sha256_file(path) != self.card["onnx"]["sha256"]:
+            if file_sha256(path) != self.card["onnx"]["sha256"]:
                 raise BundleError(f"{path}: sha256 differs from card.json; the bundle is corrupt "
                                   "or was edited — re-export it")
             opts = ort.SessionOptions()
@@ -127,7 +128,6 @@ class LearnedDetector:
 
     def centres(self, heat: np.ndarray, scale: float) -> np.ndarray:
         """Peaks of one heat map → tile px (x, y) float32, continuous, sub-pixel refined."""
-        from cellclf.detect.classical import _refine
 
         rc = heat_peaks(heat, self.radius_px, self.threshold)
         if len(rc) == 0:

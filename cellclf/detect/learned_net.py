@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from cellclf.detect.learned import read_detector_card
+
 STRIDE = 4  # the input's height and width must be multiples of this
 
 
@@ -105,7 +107,6 @@ class TorchLearnedDetector:
     def __init__(self, bundle, device: str | torch.device | None = None) -> None:
         from pathlib import Path
 
-        from cellclf.detect.learned import read_detector_card
 
         self.bundle = Path(bundle)
         self.card = read_detector_card(self.bundle)

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cellclf.annotations.tile_folder import TileSet, read_tile
-from cellclf.detect.learned import LearnedDetector, pad_to, resample
+from cellclf.annotations.geojson import read_points
+from cellclf.annotations.tile_folder import TileSet, open_tile_set, parse_where, read_tile
+from cellclf.card import file_sha256
+from cellclf.detect.learned import LearnedDetector, pad_to, read_detector_card, resample
 from cellclf.detect.matching import detection_metrics
 from cellclf.errors import AnnotationError
+from cellclf.wsi.slide import Slide
 
 NOT_NUCLEI = ("red_cell",)  # synthetic truth classes with no nucleus: not detection targets
 
@@ -48,8 +51,6 @@ def from_tile_set(tiles: TileSet, mpp: float) -> list[PointImage]:
 def from_slide(slide: str | Path, points: str | Path, mpp: float, slide_mpp: float | None = None,
                max_side_px: int = 12000, exclude: Sequence[str] = NOT_NUCLEI) -> PointImage:
     """The annotated region of a slide (bounding box of its GeoJSON points + 40 µm) at ``mpp``."""
-    from cellclf.annotations.geojson import read_points
-    from cellclf.wsi.slide import Slide
 
     pts = [p for p in read_points(points) if (p.name or "") not in exclude]
     if not pts:
@@ -201,9 +202,7 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
                                            if init else None)},
             "data": data_card}
     export_onnx(HeatmapGraph(net).eval(), out / "detector.onnx")
-    from cellclf.model.onnx_export import sha256_file
-
-    card["onnx"] = {"file": "detector.onnx", "sha256": sha256_file(out / "detector.onnx")}
+    card["onnx"] = {"file": "detector.onnx", "sha256": file_sha256(out / "detector.onnx")}
     (out / "card.json").write_text(json.dumps(card, indent=2))
     parity = onnx_torch_parity(out, HeatmapGraph(net).eval())
     detector = LearnedDetector(out, threads=threads)
@@ -256,8 +255,6 @@ def fit_from_annotations(data: str | Path, truth: str | Path, out: str | Path,
                          init: str | Path | None = None, minutes: float = 10.0,
                          val_share: float = 0.2, threads: int = 1, log=print) -> dict:
     """``cellclf train-detector``: a tile folder + CSV or a slide + GeoJSON → detector bundle."""
-    from cellclf.annotations.tile_folder import open_tile_set, parse_where
-    from cellclf.detect.learned import read_detector_card
 
     bundle_mpp = float(read_detector_card(init)["mpp"]) if init else 1.0
     data = Path(data)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.detect.classical import DetectParams, detect_cells, detect_halo_um
+from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
 from cellclf.wsi.slide import Slide
 from cellclf.wsi.tile_reader import TileReader
 from cellclf.wsi.tiling import tile_grid
@@ -94,7 +95,6 @@ LEARNED_HALO_UM = 30.0  # the heat-map network sees ±18 µm; peaks and resampli
 
 def _learned_batch(backend: str, bundle: str | os.PathLike[str] | None):
     """``detect_batch(rgbs, mpp)`` of the learned detector: torch in batches, else onnxruntime."""
-    from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
 
     bundle = bundle or SHIPPED_DETECTOR
     if backend == "torch":

@@ -174,7 +174,7 @@ def queue_batch(project: Project, cfg: ProjectConfig, store: ReviewStore, pool: 
                 conformal_set=[], reason=str(roles[m]),
                 priority=float(-round_no - m / (len(rows) + 1)),
                 crop_png=png_bytes(pool.crops[i]), context_image=jpeg_bytes(ctx[j]),
-                slide_path=slide.path))
+                slide_path=slide.path, image_mpp=cfg.work_mpp, slide_mpp=slide.mpp))
     store.add_items(items)
     return {"to_label": int(len(active)), "held_aside": int(len(hold))}
 

@@ -11,21 +11,13 @@ that names the files and says how to fix it. Pure functions over dicts and paths
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from cellclf.card import file_sha256
 from cellclf.errors import BundleError
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_onnx_sha256(card: dict[str, Any], onnx_path: Path, section: str = "onnx") -> None:

@@ -18,13 +18,12 @@ variant (``cellclf export --int8``) is built from this graph by :mod:`cellclf.ca
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from cellclf.card import bundle_paths
+from cellclf.card import bundle_paths, file_sha256
 from cellclf.errors import BundleError
 from cellclf.outputs.atomic import atomic_write_json
 
@@ -32,12 +31,6 @@ MIN_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes
 NCHWC_BLOCK = 16  # onnxruntime's NCHWc channel block on AVX-512 (8 on AVX2; 16 suits both)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wrapper(model: Any, temperature: float) -> Any:
@@ -304,7 +297,7 @@ def export_onnx(bundle: str | Path, out: str | Path | None = None, opset: int = 
 def _record_in_card(card_path: Path, onnx_path: Path, opset: int, fp16: bool,
                     group_block: int) -> None:
     data = json.loads(card_path.read_text())
-    data["onnx"] = {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": opset,
+    data["onnx"] = {"file": onnx_path.name, "sha256": file_sha256(onnx_path), "opset": opset,
                     "fp16_weights": fp16, "bytes": onnx_path.stat().st_size,
                     "precision": "fp32", "group_block": group_block}
     atomic_write_json(card_path, data)

@@ -94,8 +94,8 @@ class HostStage:
 
 def png_bytes(rgb: np.ndarray) -> bytes:
     """Lossless PNG of an RGB uint8 image: rows "Sub"-filtered with numpy, deflated by zlib at level
-    1 (which releases the GIL, so review crops encode in parallel threads); about twice Pillow's
-    speed at the same size."""
+    1 (which releases the GIL, so crops encode in parallel threads; the labelling rounds' crop
+    files); about twice Pillow's speed at the same size."""
     a = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
     h, w = a.shape[:2]
     flat = a.reshape(h, w * 3)
@@ -113,8 +113,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL): the
-    review context images, a fifth of their PNG size."""
+    """JPEG of an RGB uint8 image (libjpeg-turbo through imagecodecs; releases the GIL, so the
+    review images encode in parallel threads): a fifth of the PNG size or less."""
     import imagecodecs
 
     return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb[..., :3]), level=quality))
@@ -134,7 +134,7 @@ class ReviewWriter:
     def __init__(self, on_review: Callable[[list[ReviewItem]], None], workers: int,
                  depth: int = 4) -> None:
         self.on_review = on_review
-        self.encoders = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cellclf-png")
+        self.encoders = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cellclf-jpeg")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="cellclf-review")
         self.pending: InFlight[None] = InFlight(depth)
 
@@ -164,20 +164,41 @@ class ReviewWriter:
         self.close(wait=exc_type is None)
 
 
+REVIEW_CROP_JPEG_QUALITY = 90     # the model's crop: 64² px, ~1.8 KB on the demo slide
+REVIEW_CONTEXT_JPEG_QUALITY = 80  # the context view: 160² px, ~5.1 KB on the demo slide
+
+
+def _crop_jpeg(rgb: np.ndarray) -> bytes:
+    return jpeg_bytes(rgb, REVIEW_CROP_JPEG_QUALITY)
+
+
+def _context_jpeg(rgb: np.ndarray) -> bytes:
+    return jpeg_bytes(rgb, REVIEW_CONTEXT_JPEG_QUALITY)
+
+
 def review_items(slide_id: str, slide_path: str, ids: np.ndarray, xy0: np.ndarray,
                  probs: np.ndarray, reason: np.ndarray, conformal: np.ndarray, crops: np.ndarray,
                  ctx: np.ndarray | None, classes: list[str], priority: np.ndarray,
                  encode: Encode = _encode_here, audit: np.ndarray | None = None,
-                 blind: np.ndarray | None = None, site: str | None = None) -> list[ReviewItem]:
+                 blind: np.ndarray | None = None, site: str | None = None, *,
+                 image_mpp: float | None = None,
+                 slide_mpp: float | None = None) -> list[ReviewItem]:
     """ReviewItems for gated cells (every row given is one; ``ids`` are their cell ids);
-    ``encode(png_bytes, images)`` maps an encoder (over a thread pool in ``run_slide``)."""
+    ``encode(encoder, images)`` maps an encoder (over a thread pool in ``run_slide``).
+
+    Crop and context are stored as JPEG at the model's ``image_mpp`` (8.5 KB per queued cell in
+    the store on the demo slide; 16 KB with the former lossless PNG crop); with ``slide_mpp`` (the
+    slide's level-0 µm/px) the review app cuts native-resolution views from ``slide_path`` while
+    the slide is reachable (docs/review.md).
+    """
     pred = probs.argmax(axis=1)
-    crop_png = encode(png_bytes, list(crops))
-    ctx_jpeg = encode(jpeg_bytes, list(ctx)) if ctx is not None else [b""] * len(ids)
+    crop_jpeg = encode(_crop_jpeg, list(crops))
+    ctx_jpeg = encode(_context_jpeg, list(ctx)) if ctx is not None else [b""] * len(ids)
     return [ReviewItem(
         slide_id=slide_id, cell_id=int(ids[i]), x=float(xy0[i, 0]), y=float(xy0[i, 1]),
         predicted=classes[pred[i]], probs={c: float(probs[i, k]) for k, c in enumerate(classes)},
         conformal_set=[c for k, c in enumerate(classes) if conformal[i, k]], reason=str(reason[i]),
-        priority=float(priority[i]), crop_png=crop_png[i], context_image=ctx_jpeg[i],
+        priority=float(priority[i]), crop_png=crop_jpeg[i], context_image=ctx_jpeg[i],
         slide_path=slide_path, audit=bool(audit is not None and audit[i]),
-        blind=bool(blind is not None and blind[i]), site=site) for i in range(len(ids))]
+        blind=bool(blind is not None and blind[i]), site=site, image_mpp=image_mpp,
+        slide_mpp=slide_mpp) for i in range(len(ids))]

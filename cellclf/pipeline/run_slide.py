@@ -96,8 +96,9 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
                                if review is not None else np.zeros(len(batch), bool))
                     if review is not None and ((~accept) | audited).any():
                         _send_for_review(review, batch, cells.n, accept, reason, conformal,
-                                         slide_id, str(path), gate.classes, audited,
-                                         params.blind_share, params.site or reader.vendor)
+                                         slide_id, str(path.absolute()), gate.classes, audited,
+                                         params.blind_share, params.site or reader.vendor,
+                                         (work_mpp, reader.mpp))
                     cells.add(batch.xy0, batch.probs, accept, reason, conformal, audited)
                 if progress:
                     progress(cells.tiles_done(batch.tiles_done), len(tiles))
@@ -247,10 +248,11 @@ def _review_writer(on_review: Callable[[list[ReviewItem]], None] | None,
 def _send_for_review(review: ReviewWriter, batch: CellBatch, first_id: int, accept: np.ndarray,
                      reason: np.ndarray, conformal: np.ndarray, slide_id: str, slide_path: str,
                      classes: list[str], audited: np.ndarray, blind_share: float,
-                     site: str | None) -> None:
+                     site: str | None, mpps: tuple[float, float]) -> None:
     """Queue the gated cells and the audit sample of a batch (cell ids continue from
     ``first_id``) for review. Audit cells look like any other queued cell: a queue reason, a
-    priority spread uniformly (their own confidence would serve them last), blind."""
+    priority spread uniformly (their own confidence would serve them last), blind. ``mpps``:
+    (µm/px of the review images, the slide's level-0 µm/px)."""
     rows = np.flatnonzero((~accept) | audited)
     crops, ctx = batch.review_images(rows)
     probs = batch.probs[rows]
@@ -262,4 +264,4 @@ def _send_for_review(review: ReviewWriter, batch: CellBatch, first_id: int, acce
     args = (slide_id, slide_path, ids, batch.xy0[rows], probs, shown_reason,
             conformal[rows], crops, ctx, classes, priority)
     review.submit(lambda encode: review_items(*args, encode=encode, audit=audit, blind=blind,
-                                              site=site))
+                                              site=site, image_mpp=mpps[0], slide_mpp=mpps[1]))

@@ -1,7 +1,10 @@
 """The review web app (FastAPI, server-rendered Jinja2 pages, a little vanilla JS).
 
 Data flow: browser ⇄ this app ⇄ :class:`cellclf.review.store.ReviewStore` (the queue database).
-The app never opens slide files: crops and context images come from the store by item id only.
+Images are requested by item id only: the stored crop and context (JPEG at the model's µm/px), or
+the same views at the slide's native resolution, cut from the slide file whose path inference
+stored with the item (:mod:`cellclf.review.native_view`) while that file is reachable. Each view's
+µm/px goes to the page for its scale bar.
 
 Security: every route except ``/login`` and ``/static`` needs a session (pages redirect to the
 login page, ``/api`` answers 401); the session cookie is HttpOnly, SameSite=Lax and Secure over
@@ -25,6 +28,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
 from cellclf.review import auth
+from cellclf.review.native_view import NativeViews
 from cellclf.review.stats import agreement, reviewer_stats
 from cellclf.review.store import Item, LeaseError, ReviewStore, ReviewStoreError, open_store
 from cellclf.review.types import image_media_type
@@ -57,14 +61,22 @@ class LabelIn(BaseModel):
     predicted: str | None = None
 
 
-def item_json(item: Item | None, blind_all: bool = False) -> dict[str, Any] | None:
+def item_json(item: Item | None, blind_all: bool = False,
+              native_mpp: float | None = None) -> dict[str, Any] | None:
     """An item for the browser. Blind review: while the reviewer has not answered a blind item
     (audit items, a random share of the others, or every item with ``blind_all``), the model's
-    label, probabilities, conformal set and reason are left out; the label call reveals them."""
+    label, probabilities, conformal set and reason are left out; the label call reveals them.
+    ``native_mpp``: the slide is reachable, so the views at its level-0 resolution (that many
+    µm/px) are offered as ``native_*_url``, with the stored images (``*_url`` at ``image_mpp``)
+    as the fallback."""
     if item is None:
         return None
     hidden = (item.blind or blind_all) and item.label is None
-    return {"id": item.id, "slide_id": item.slide_id, "cell_id": item.cell_id,
+    views: dict[str, Any] = {"image_mpp": item.image_mpp, "native_mpp": native_mpp}
+    if native_mpp is not None:
+        views.update(native_crop_url=f"/api/items/{item.id}/crop/native.jpg",
+                     native_context_url=f"/api/items/{item.id}/context/native.jpg")
+    return {**views, "id": item.id, "slide_id": item.slide_id, "cell_id": item.cell_id,
             "x": round(item.x, 1), "y": round(item.y, 1),
             "predicted": None if hidden else item.predicted,
             "top": [] if hidden else [[c, round(p, 4)] for c, p in item.top(3)],
@@ -96,10 +108,19 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     templates = Jinja2Templates(env=env)
     app = FastAPI(title="cellclf review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = st
+    natives = app.state.native_views = NativeViews()
+
+    def as_json(item: Item | None) -> dict[str, Any] | None:
+        return item_json(item, blind_all, None if item is None else natives.native_mpp(item))
+
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def secure(request: Request) -> bool:
         return request.url.scheme == "https" if secure_cookies is None else secure_cookies
+
+    def class_filter(predicted: str | None) -> str | None:
+        """The queue's class filter; off in blind-all mode (it would reveal the model's label)."""
+        return None if blind_all else (predicted or None)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
@@ -190,7 +211,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     @app.get("/", response_class=HTMLResponse)
     def queue_page(request: Request, slide: str | None = None, predicted: str | None = None,
                    s: auth.Session = Depends(session)) -> Response:
-        slide, predicted = slide or None, predicted or None
+        slide, predicted = slide or None, class_filter(predicted)
         items = st.queue(slide, predicted, limit=QUEUE_PAGE_ROWS + 1)
         return page(request, "queue.html", s, slide=slide, predicted=predicted,
                     items=items[:QUEUE_PAGE_ROWS], more=len(items) > QUEUE_PAGE_ROWS,
@@ -214,7 +235,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     def progress(slide: str | None, predicted: str | None = None) -> dict[str, Any]:
         """Progress of the reviewer's scope: the filter (slide and/or predicted class) when one is
         set, else the whole store."""
-        slide, predicted = slide or None, predicted or None
+        slide, predicted = slide or None, class_filter(predicted)
         if slide or predicted:
             return {"slide": st.progress(slide, predicted), "predicted": predicted}
         return {"slide": None, "all": st.progress()}
@@ -226,17 +247,17 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
     @app.post("/api/claim")
     def api_claim(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
-        item = st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s,
-                        exclude=body.exclude)
-        return {"item": item_json(item, blind_all), "progress": progress(body.slide, body.predicted)}
+        item = st.claim(s.user, body.slide or None, class_filter(body.predicted),
+                        lease_s=lease_s, exclude=body.exclude)
+        return {"item": as_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.post("/api/items/{item_id}/label")
     def api_label(item_id: int, body: LabelIn, s: auth.Session = Depends(csrf)) -> dict:
         audit_id = st.label(s.user, item_id, body.label, blind_all=blind_all)
-        nxt = (st.claim(s.user, body.slide or None, body.predicted or None, lease_s=lease_s)
+        nxt = (st.claim(s.user, body.slide or None, class_filter(body.predicted), lease_s=lease_s)
                if body.next else None)
         # the labelled cell with the model's answer revealed (it was hidden in blind review)
-        return {"audit_id": audit_id, "item": item_json(nxt, blind_all),
+        return {"audit_id": audit_id, "item": as_json(nxt),
                 "revealed": item_json(st.get(item_id, s.user)),
                 "progress": progress(body.slide, body.predicted)}
 
@@ -247,18 +268,18 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     @app.post("/api/undo")
     def api_undo(body: ClaimIn, s: auth.Session = Depends(csrf)) -> dict:
         item = st.undo(s.user, lease_s=lease_s)
-        return {"item": item_json(item, blind_all), "progress": progress(body.slide, body.predicted)}
+        return {"item": as_json(item), "progress": progress(body.slide, body.predicted)}
 
     @app.get("/api/history")
     def api_history(limit: int = 50, s: auth.Session = Depends(session)) -> dict:
-        return {"items": [item_json(i) for i in st.history(s.user, min(max(limit, 1), 500))]}
+        return {"items": [as_json(i) for i in st.history(s.user, min(max(limit, 1), 500))]}
 
     @app.get("/api/items/{item_id}")
     def api_item(item_id: int, s: auth.Session = Depends(session)) -> dict:
         item = st.get(item_id, s.user)
         if item is None:
             raise HTTPException(404, "no such item")
-        return {"item": item_json(item, blind_all)}
+        return {"item": as_json(item)}
 
     @app.get("/api/items/{item_id}/{kind}.png")
     def api_image(item_id: int, kind: str, s: auth.Session = Depends(session)) -> Response:
@@ -268,6 +289,21 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
         if data is None:
             raise HTTPException(404, "no such item")
         return Response(data, media_type=image_media_type(data) or "application/octet-stream",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/items/{item_id}/{kind}/native.jpg")
+    def api_native_image(item_id: int, kind: str, s: auth.Session = Depends(session)) -> Response:
+        """The stored view's field at the slide's native resolution, cut from the slide."""
+        if kind not in ("crop", "context"):
+            raise HTTPException(404, "no such image")
+        item, stored = st.get(item_id), st.image(item_id, kind)
+        if item is None or stored is None:
+            raise HTTPException(404, "no such item")
+        data = natives.view_jpeg(item, stored)
+        if data is None:
+            raise HTTPException(404, "the slide is not reachable from the review server; the "
+                                     "stored image is shown instead")
+        return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
 
     return app

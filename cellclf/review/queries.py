@@ -34,8 +34,8 @@ class StoreQueries:
              .order_by(S.items.c.priority.desc(), S.items.c.id).limit(limit).offset(offset))
         if slide_id is not None:
             q = q.where(S.items.c.slide_id == slide_id)
-        if predicted is not None:
-            q = q.where(S.items.c.predicted == predicted)
+        if predicted is not None:  # blind cells never show up under a class filter
+            q = q.where(S.items.c.predicted == predicted, S.items.c.blind == 0)
         with self._tx() as c:
             return [self._item(r) for r in c.execute(q)]
 
@@ -66,17 +66,18 @@ class StoreQueries:
         it = S.items
         scope = [it.c.slide_id == slide_id] if slide_id is not None else []
         if predicted is not None:
-            scope.append(it.c.predicted == predicted)
+            scope += [it.c.predicted == predicted, it.c.blind == 0]
         count = sa.select(sa.func.count()).select_from(it)
         # Held cells are few: read them through the claimed_by index (`> ''` is a range SQLite
         # can use; `needs_review + 0` keeps the planner off the much larger queue index).
-        held = sa.select(it.c.slide_id, it.c.predicted).where(
+        held = sa.select(it.c.slide_id, it.c.predicted, it.c.blind).where(
             it.c.claimed_by > "", (it.c.needs_review + 0) == 1, it.c.lease_until >= self.clock())
         with self._tx() as c:
             total = c.execute(count.where(*scope)).scalar_one()
             done = c.execute(count.where(*scope, it.c.needs_review == 0)).scalar_one()
-            claimed = sum((slide_id is None or s == slide_id) and (predicted is None or p == predicted)
-                          for s, p in c.execute(held).all())
+            claimed = sum((slide_id is None or s == slide_id)
+                          and (predicted is None or (p == predicted and not b))
+                          for s, p, b in c.execute(held).all())
         return {"total": int(total), "done": int(done), "pending": int(total) - int(done),
                 "claimed": int(claimed)}
 

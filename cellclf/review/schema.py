@@ -21,6 +21,9 @@ Version history:
    (1: the model's answer is hidden until the reviewer has answered), ``items.site`` (site or
    scanner tag for ``cellclf audit``) and ``labels.blind`` (1: this label was given without
    seeing the model's answer, 0: after seeing it, NULL: undo rows and labels from before v3).
+4. native-resolution review: ``items.image_mpp`` (µm per pixel of the stored crop and context
+   images) and ``items.slide_mpp`` (the slide's level-0 µm per pixel as inference read it, so the
+   app can cut native-resolution views from the slide); NULL for cells queued before version 4.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cellclf.errors import CellclfError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class ReviewStoreError(CellclfError):
@@ -72,6 +75,8 @@ items = sa.Table(
     sa.Column("audit", sa.Integer, nullable=False, server_default="0"),  # 1: audit sample
     sa.Column("blind", sa.Integer, nullable=False, server_default="0"),  # 1: model hidden first
     sa.Column("site", sa.String(128), nullable=True),                    # site / scanner tag
+    sa.Column("image_mpp", sa.Float, nullable=True),       # µm/px of the stored images
+    sa.Column("slide_mpp", sa.Float, nullable=True),       # the slide's level-0 µm/px
     sa.UniqueConstraint("slide_id", "cell_id", name="uq_items_slide_cell"),
 )
 images = sa.Table(
@@ -249,10 +254,17 @@ def _v3(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_items_audit ON items (audit, predicted)")
 
 
+def _v4(conn: Connection) -> None:
+    """The pixel sizes the app needs for scale bars and native-resolution views."""
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN image_mpp FLOAT")
+    conn.exec_driver_sql("ALTER TABLE items ADD COLUMN slide_mpp FLOAT")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "queue, images, append-only label audit", _v1),
     (2, "accounts, sessions, double review, queue indexes", _v2),
     (3, "running audit, blind review, site tag", _v3),
+    (4, "pixel sizes of the review images and of the slide", _v4),
 ]
 
 

@@ -168,7 +168,8 @@ class ReviewStore(StoreQueries):
                      conformal_set=json.dumps(list(it.conformal_set)), reason=it.reason,
                      priority=float(it.priority), slide_path=it.slide_path, created_at=now,
                      n_labels=0, needs_review=1, audit=int(it.audit),
-                     blind=int(it.blind or it.audit), site=it.site)
+                     blind=int(it.blind or it.audit), site=it.site,
+                     image_mpp=_float_or_none(it.image_mpp), slide_mpp=_float_or_none(it.slide_mpp))
                 for it in unique.values()]
         imgs = [dict(slide_id=it.slide_id, cell_id=int(it.cell_id), crop_png=bytes(it.crop_png),
                      context_png=bytes(it.context_image)) for it in unique.values()]
@@ -187,7 +188,9 @@ class ReviewStore(StoreQueries):
                     conformal_set=json.loads(row.conformal_set), reason=row.reason,
                     priority=row.priority, slide_path=row.slide_path, claimed_by=row.claimed_by,
                     lease_until=row.lease_until, n_labels=row.n_labels, label=label,
-                    blind=bool(getattr(row, "blind", 0)))
+                    blind=bool(getattr(row, "blind", 0)),
+                    image_mpp=getattr(row, "image_mpp", None),
+                    slide_mpp=getattr(row, "slide_mpp", None))
 
     def get(self, item_id: int, reviewer: str | None = None) -> Item | None:
         """One item by id (with ``reviewer``'s current label), or None."""
@@ -199,7 +202,8 @@ class ReviewStore(StoreQueries):
             return self._item(row, label)
 
     def image(self, item_id: int, kind: str) -> bytes | None:
-        """The PNG bytes of an item's ``crop`` or ``context`` image; None if missing or empty."""
+        """The stored bytes (PNG or JPEG) of an item's ``crop`` or ``context`` image; None if
+        missing or empty."""
         col = {"crop": S.images.c.crop_png, "context": S.images.c.context_png}[kind]
         q = (sa.select(col).select_from(S.images.join(S.items, sa.and_(
             S.items.c.slide_id == S.images.c.slide_id, S.items.c.cell_id == S.images.c.cell_id)))
@@ -235,8 +239,8 @@ class ReviewStore(StoreQueries):
         q = sa.select(it).where(it.c.needs_review == 1)
         if slide:
             q = q.where(it.c.slide_id == bp("slide"))
-        if predicted:
-            q = q.where(it.c.predicted == bp("predicted"))
+        if predicted:  # a class filter would reveal blind cells' model label: they are left out
+            q = q.where(it.c.predicted == bp("predicted"), it.c.blind == 0)
         if exclude:
             q = q.where(it.c.id.not_in(bp("exclude", expanding=True)))
         order = (it.c.priority.desc(), it.c.id)
@@ -376,6 +380,10 @@ class ReviewStore(StoreQueries):
             c.execute(sa.update(S.items).where(S.items.c.id == last.item_id).values(**values))
             row = c.execute(sa.select(S.items).where(S.items.c.id == last.item_id)).first()
             return self._item(row, restored)
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def open_store(store: ReviewStore | str, classes: Sequence[str] | None = None,

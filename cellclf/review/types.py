@@ -6,6 +6,7 @@ No database access and no web imports here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,11 +40,13 @@ class LeaseError(ReviewStoreError):
 class ReviewItem:
     """One gated cell as batch inference hands it to the queue.
 
-    ``context_image`` is a larger view *centred on the cell* (the UI marks the centre), PNG or JPEG
-    (batch inference stores JPEG: a 160² context as PNG weighs ~40 KB, as JPEG q90 ~8 KB, and the
-    slide's own tiles are JPEG already); ``crop_png`` is the model's input crop, lossless PNG.
-    ``(slide_id, cell_id)`` identifies the cell; adding it again is a
-    no-op. Higher ``priority`` = more doubtful = served first.
+    ``context_image`` is a larger view *centred on the cell* (the UI marks the centre) and
+    ``crop_png`` the model's input crop, each PNG or JPEG (the names are historical; batch
+    inference stores JPEG for both, which keeps a queued cell under 10 KB, and the slide's own
+    tiles are JPEG already). ``image_mpp``: their µm per pixel (the model's); ``slide_mpp``: the
+    slide's level-0 µm per pixel, which lets the app cut native-resolution views from
+    ``slide_path`` while the slide is reachable. ``(slide_id, cell_id)`` identifies the cell;
+    adding it again is a no-op. Higher ``priority`` = more doubtful = served first.
     """
 
     slide_id: str
@@ -61,6 +64,8 @@ class ReviewItem:
     audit: bool = False  # an auto-accepted cell sampled for the running audit (reviewer not told)
     blind: bool = False  # the UI hides the model's answer until the reviewer has answered
     site: str | None = None  # site / scanner tag for `cellclf audit`
+    image_mpp: float | None = None
+    slide_mpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class Item:
     n_labels: int
     label: str | None = None  # the asking reviewer's current label, when known
     blind: bool = False  # hide the model's answer until this reviewer has answered
+    image_mpp: float | None = None  # µm/px of the stored images (None: queued before v4)
+    slide_mpp: float | None = None  # the slide's level-0 µm/px (None: queued before v4)
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
@@ -143,7 +150,12 @@ def check_item(it: ReviewItem, classes: list[str]) -> None:
     if unknown:
         raise ReviewStoreError(f"{where}: unknown classes {sorted(unknown)} in probs or "
                                "conformal_set")
-    if bytes(it.crop_png[:8]) != PNG_SIGNATURE:
-        raise ReviewStoreError(f"{where}: crop_png is not a PNG image")
+    if image_media_type(it.crop_png) is None:
+        raise ReviewStoreError(f"{where}: crop_png is not a PNG or JPEG image")
+    for name in ("image_mpp", "slide_mpp"):
+        value = getattr(it, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ReviewStoreError(f"{where}: {name} must be a positive number of µm per pixel "
+                                   f"or None, got {value!r}")
     if it.context_image and image_media_type(it.context_image) is None:
         raise ReviewStoreError(f"{where}: context_image is neither empty nor a PNG/JPEG image")

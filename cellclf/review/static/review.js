@@ -1,6 +1,8 @@
 // cellclf review page: keyboard-first labelling. Data only ever goes into the page as text
 // (textContent), never as HTML. Keys: 1-9 classes in the store's order, 0 can't tell,
-// u undo, arrow left / right move through the cells you labelled (right on the newest one skips).
+// u undo, arrow left / right move through the cells you labelled (right on the newest one skips),
+// z (or a click on an image) zooms 1x / 2x / 4x. Images: the slide's native resolution when the
+// server can read the slide, else the stored ones; each carries its µm/px for the scale bar.
 (() => {
   "use strict";
   const body = document.body;
@@ -16,6 +18,12 @@
   let skipped = [];
   let busy = false;
   let sessionCount = 0;
+
+  const ZOOMS = [1, 2, 4];
+  const NICE_UM = [0.5, 1, 2, 5, 10, 20, 50, 100, 200];
+  const BAR_MAX_PX = 120;
+  const RING_PX = 64;
+  let zoomIdx = 0;
 
   const pretty = (s) => (s === "cant_tell" ? "can't tell" : s.replace(/_/g, " "));
 
@@ -71,8 +79,8 @@
       b.disabled = !it;
     });
     if (!it) return;
-    $("crop").src = it.crop_url;
-    $("context").src = it.context_url;
+    showView("crop", it);
+    showView("context", it);
     const pred = $("predicted");
     if (it.blind) {  // blind review: the model's answer is shown only after the reviewer's
       pred.textContent = "hidden until you answer";
@@ -113,6 +121,76 @@
     mine.textContent = it.label ? `Your label: ${pretty(it.label)}` : "";
     mine.classList.toggle("hidden", !it.label);
   }
+
+  // ---- images: native or stored, scale bar, zoom
+
+  function showView(kind, it) {
+    const img = $(kind);
+    const nativeUrl = it.native_mpp ? it[`native_${kind}_url`] : null;
+    img.dataset.storedUrl = it[`${kind}_url`];
+    img.dataset.storedMpp = it.image_mpp || "";
+    setSource(img, nativeUrl ? "native" : "stored", nativeUrl || it[`${kind}_url`],
+              nativeUrl ? it.native_mpp : it.image_mpp);
+  }
+
+  function setSource(img, source, url, mpp) {
+    img.dataset.source = source;
+    img.dataset.mpp = mpp || "";
+    if (img.getAttribute("src") !== url) img.src = url;
+    else updateScale(img.id);
+  }
+
+  function onImageError(kind) {
+    const img = $(kind);
+    if (img.dataset.source === "native") {  // the slide went away: the stored image
+      setSource(img, "stored", img.dataset.storedUrl, img.dataset.storedMpp);
+    } else if (kind === "context") {
+      $("no-context").classList.remove("hidden");
+    }
+  }
+
+  function updateScale(kind) {
+    const img = $(kind);
+    const mpp = Number(img.dataset.mpp);
+    const scale = $(`${kind}-scale`);
+    const res = $(`${kind}-res`);
+    const known = img.naturalWidth > 0 && mpp > 0;
+    scale.classList.toggle("hidden", !known);
+    if (!known) {
+      res.textContent = img.naturalWidth > 0 ? "scale unknown (queued by an older cellclf)" : "";
+      return;
+    }
+    const zoom = ZOOMS[zoomIdx];
+    const screenPxPerUm = (img.clientWidth / img.naturalWidth) * zoom / mpp;
+    let um = NICE_UM[0];
+    for (const u of NICE_UM) if (u * screenPxPerUm <= BAR_MAX_PX) um = u;
+    scale.querySelector(".bar").style.width = `${Math.round(um * screenPxPerUm)}px`;
+    scale.querySelector(".txt").textContent = `${um} µm`;
+    scale.dataset.um = String(um);
+    scale.dataset.px = (um * screenPxPerUm).toFixed(2);
+    const where = img.dataset.source === "native" ? "native, from the slide" : "stored";
+    res.textContent = `${mpp.toFixed(3)} µm/px (${where})`;
+  }
+
+  function setZoom(idx) {
+    zoomIdx = idx % ZOOMS.length;
+    const zoom = ZOOMS[zoomIdx];
+    for (const kind of ["crop", "context"]) {
+      const view = $(`${kind}-view`);
+      view.querySelector(".zoom-stage").style.transform = `scale(${zoom})`;
+      view.classList.toggle("zoomed", zoom > 1);
+      view.dataset.zoom = String(zoom);
+      view.querySelector(".zoom-level").textContent = `${zoom}×`;
+      $(kind).classList.toggle("pixelated", kind === "crop" || zoom > 1);
+      updateScale(kind);
+    }
+    const ring = $("ring");  // the ring grows with the zoom, its line stays thin
+    ring.style.width = ring.style.height = `${RING_PX * zoom}px`;
+    ring.style.margin = `${-RING_PX * zoom / 2}px 0 0 ${-RING_PX * zoom / 2}px`;
+    $("zoom-text").textContent = `${zoom}×`;
+  }
+
+  const zoomIn = () => setZoom(zoomIdx + 1);
 
   async function run(fn) {
     if (busy) return;
@@ -178,13 +256,22 @@
     else if (k === "u" || k === "U") undo();
     else if (k === "ArrowLeft") back();
     else if (k === "ArrowRight") forward();
+    else if (k === "z" || k === "Z") zoomIn();
     else return;
     ev.preventDefault();
   });
   document.querySelectorAll(".key[data-label]").forEach((b) =>
     b.addEventListener("click", () => label(b.dataset.label)));
-  $("context").addEventListener("error", () => $("no-context").classList.remove("hidden"));
-  $("context").addEventListener("load", () => $("no-context").classList.add("hidden"));
+  for (const kind of ["crop", "context"]) {
+    $(kind).addEventListener("error", () => onImageError(kind));
+    $(kind).addEventListener("load", () => {
+      if (kind === "context") $("no-context").classList.add("hidden");
+      updateScale(kind);
+    });
+    $(`${kind}-view`).addEventListener("click", zoomIn);
+  }
+  $("zoom").addEventListener("click", zoomIn);
+  setZoom(0);
   $("undo").addEventListener("click", undo);
   $("prev").addEventListener("click", back);
   $("next").addEventListener("click", forward);
