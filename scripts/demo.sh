@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1 ORT_DISABLE_TELEMETRY=1
 out="${out:-$PWD/demo_out}"
 bash scripts/setup.sh deploy,review
-cellclf=.venv/bin/cellclf
+cellclf="$PWD/.venv/bin/cellclf"
 if [[ ! -f "$out/slides/demo.tif" ]]; then
   "$cellclf" synth "$out/slides" --width 12000 --height 9000 --mpp 0.25 --seed 2026 \
     --difficulty 0.3 --name demo
@@ -18,5 +18,5 @@ fi
 echo
 echo "Report:        $out/results/demo/report.html"
 echo "Cells:         $out/results/demo/cells.parquet, cells.geojson (QuPath: File > Import objects)"
-echo "Review queue:  .venv/bin/cellclf review serve --db $out/results/review.sqlite"
-echo "               (first: .venv/bin/cellclf review add-user YOURNAME --admin --db $out/results/review.sqlite)"
+echo "Review queue:  $cellclf review serve --db $out/results/review.sqlite"
+echo "               (first: $cellclf review add-user YOURNAME --admin --db $out/results/review.sqlite)"
