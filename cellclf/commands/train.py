@@ -92,6 +92,9 @@ def register(app: typer.Typer) -> None:
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
         from cellclf.annotations.labelled_data import discover
 
+        check_positive("--match-um", match_um, allow_none=False, upper=50.0, unit=" µm")
+        check_output_dir("--out", out)
+        check_choice("--precision", precision, ("fp32", "int8"))
         if discover(data).kind == "crops":
             from cellclf.evaluation.crops import evaluate_crops
 
@@ -103,10 +106,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {out / 'metrics.json'}, confusion.png, report.md")
             return
         from cellclf.evaluation.evaluate import evaluate as run
-
-        check_positive("--match-um", match_um, allow_none=False, upper=50.0, unit=" µm")
-        check_output_dir("--out", out)
-        check_choice("--precision", precision, ("fp32", "int8"))
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
                          coords="um" if coords_um else "px", precision=precision)

@@ -32,9 +32,15 @@ from cellclf.annotations.crop_folder import (
     warn_padding,
 )
 from cellclf.annotations.labelled_data import ClassMap, normalise_name
+from cellclf.card import load_card
 from cellclf.errors import AnnotationError
-from cellclf.evaluation.evaluate import CellTable, classification_metrics
-from cellclf.gate.slide_guard import OODParams, SlideStats, fit_ood, is_ood, slide_stats
+from cellclf.evaluation.evaluate import CellTable, classification_metrics, plot_confusion
+from cellclf.evaluation.gate_metrics import gate_metrics
+from cellclf.gate.slide_guard import OODParams, SlideStats, fit_ood, is_ood, ood_scores, slide_stats
+from cellclf.gate.temperature import softmax
+from cellclf.gate.thresholds import GateParams, apply_gate
+from cellclf.model.engine import load_engine
+from cellclf.outputs.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +101,6 @@ def folder_truth(files: list[CropFile], cmap: ClassMap, root: Path) -> np.ndarra
 def read_batch(bundle: str | Path, data: str | Path, crop_mpp: float | None,
                backend: str = "auto", precision: str = "fp32") -> tuple[Any, CropBatch]:
     """Load the engine and card, read DATA at the model's field and classify it."""
-    from cellclf.card import load_card
-    from cellclf.model.engine import load_engine
 
     root = Path(data)
     card = load_card(bundle)
@@ -115,7 +119,6 @@ def read_batch(bundle: str | Path, data: str | Path, crop_mpp: float | None,
 
 def crop_table(batch: CropBatch, truth: np.ndarray, card: Any) -> CellTable:
     """One row per image: the slides' cell table with the folder as the slide."""
-    from cellclf.gate.temperature import softmax
 
     n = len(batch.files)
     nan = np.full(n, np.nan)
@@ -146,7 +149,6 @@ def fit_crop_ood(crops: np.ndarray, mpp: float, source: str, seed: int = 0,
 
 def check_batch_ood(crops: np.ndarray, card: Any, source: str) -> dict[str, Any]:
     """Run the card's guard on a batch of crops → {flagged, reasons, scores, message}."""
-    from cellclf.gate.slide_guard import ood_scores
 
     ood_d = card.get("ood")
     if not ood_d:
@@ -175,7 +177,6 @@ def evaluate_crops(bundle: str | Path, data: str | Path, out: str | Path | None,
                    ) -> tuple[CellTable, dict[str, Any]]:
     """Metrics of a bundle on a labelled crop folder (metrics.json keys as for slides where they
     apply: macro_f1, balanced_accuracy, per_class, confusion, ece_before/after, gate, no_gate)."""
-    from cellclf.evaluation.gate_metrics import gate_metrics
 
     card, batch = read_batch(bundle, data, crop_mpp, backend, precision)
     truth = folder_truth(batch.files, card_class_map(card, class_map), batch.root)
@@ -201,8 +202,6 @@ def evaluate_crops(bundle: str | Path, data: str | Path, out: str | Path | None,
 def write_crop_outputs(out: Path, table: CellTable, metrics: dict[str, Any], card: Any) -> None:
     import json
 
-    from cellclf.evaluation.evaluate import plot_confusion
-    from cellclf.outputs.atomic import atomic_write_text
 
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     plot_confusion(np.asarray(metrics["confusion"]), list(table.classes), out / "confusion.png")
@@ -251,9 +250,6 @@ def classify_crops(bundle: str | Path, data: str | Path, out: str | Path, *,
     import csv
     import json
 
-    from cellclf.gate.temperature import softmax
-    from cellclf.gate.thresholds import GateParams, apply_gate
-    from cellclf.outputs.atomic import atomic_write_text
 
     card, batch = read_batch(bundle, data, crop_mpp, backend)
     classes = list(card.classes)

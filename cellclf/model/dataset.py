@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellclf.annotations.crop_folder import read_crop_folder
+from cellclf.annotations.crop_folder import check_crop_mpp, field_um, list_crop_files, read_crop_folder
 from cellclf.annotations.labelled_data import (
     ClassMap,
     DataSource,
@@ -325,7 +325,6 @@ def crop_folder_field(cfg, root: Path):
     ``work_mpp``."""
     import dataclasses
 
-    from cellclf.annotations.crop_folder import check_crop_mpp, field_um, list_crop_files
 
     d = cfg.data
     crop_mpp = check_crop_mpp(d.crop_mpp, root, d.work_mpp)
