@@ -119,6 +119,10 @@ def test_label_rounds_to_a_calibrated_bundle(lab_slides, tmp_path):
     out = cli("label", "--calibrate", str(proj)).stdout
     assert "calibrated" in out
     card = json.loads((p.round_dir(2) / "bundle" / "card.json").read_text())
+    # round 2 fine-tuned round 1's bundle; round 1 started from scratch
+    assert card["training"]["config"]["train"]["init"] == str(p.round_dir(1) / "bundle")
+    first = json.loads((p.round_dir(1) / "bundle" / "card.json").read_text())
+    assert first["training"]["config"]["train"]["init"] == ""
     assert card["gate"]["classes"] == cfg.classes
     assert card["calibration"]["n_cells"] == int(labels.held_aside.sum())
     assert "temperature" in card and card["ood"]

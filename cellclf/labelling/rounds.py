@@ -235,9 +235,11 @@ def holdout_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[str]) -> 
             "macro_f1": float(np.mean(f1s)) if f1s else None, "per_class": per}
 
 
-def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path) -> Path:
+def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path,
+                init: Path | None = None) -> Path:
     """Write the training labels as a crop folder and train a bundle on it (``cellclf train``'s
-    :func:`~cellclf.model.training.fit`); returns the bundle folder."""
+    :func:`~cellclf.model.training.fit`), fine-tuning ``init`` (the previous round's bundle) when
+    given; returns the bundle folder."""
     import shutil
 
     from cellclf.model.training import fit
@@ -253,6 +255,8 @@ def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path) -> Pa
     overrides = [f"data.classes={list(cfg.classes)}", f"data.other_class={cfg.other_class}",
                  f"data.work_mpp={cfg.work_mpp}", f"data.crop_px={cfg.crop_px}",
                  f"data.crop_mpp={cfg.work_mpp}", *cfg.train_overrides]
+    if init is not None:
+        overrides.append(f"train.init={init}")
     tc = load_config(cfg.train_config, overrides)
     return fit(tc, crops_dir, out / "bundle", progress=False)
 
@@ -277,7 +281,10 @@ def next_round(root: str | Path, target_f1: float | None = None,
         n = (project.rounds_done() or [0])[-1] + 1
         out = project.round_dir(n)
         out.mkdir(parents=True, exist_ok=True)
-        bundle = train_round(cfg, pool, labels, out)
+        previous = project.round_dir(n - 1) / "bundle" if n > 1 else None
+        bundle = train_round(cfg, pool, labels, out,
+                             init=previous if previous and (previous / "card.json").is_file()
+                             else None)
         engine = TorchEngine(bundle, device="cpu")
         probs = np.concatenate([engine.classify(pool.crops[s:s + 512])
                                 for s in range(0, len(pool), 512)])
