@@ -9,7 +9,7 @@ import pytest
 
 from cellclf.detect.classical import DetectParams, detect_cells
 from cellclf.detect.matching import match_points
-from cellclf.detect.stain import RJ_E, RJ_H, adapt_params, estimate_stain, sample_tiles
+from cellclf.detect.stain import RJ_E, RJ_H, adapt_params, estimate_stain, sample_pixels
 from tests.test_detect import Canvas
 
 CMU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / \
@@ -84,7 +84,7 @@ def test_stain_shifted_cmu_region_gives_same_candidates(tmp_path: Path) -> None:
     with openslide.OpenSlide(str(CMU)) as s:
         rgb = np.asarray(s.read_region((700, 1500), 0, (1024, 1024)).convert("RGB"))
         mpp = float(s.properties["openslide.mpp-x"])
-    est = estimate_stain(sample_tiles([rgb]))
+    est = estimate_stain(sample_pixels([rgb]))
     assert est.source == "macenko"
     shifted = _restain(rgb, (est.haematoxylin, est.eosin), SHIFTED, est.glass, (232, 238, 246))
     path = tmp_path / "cmu_shifted.tif"
@@ -92,7 +92,7 @@ def test_stain_shifted_cmu_region_gives_same_candidates(tmp_path: Path) -> None:
                        mpp, quality=95, photometric="rgb")
     with openslide.OpenSlide(str(path)) as s:
         back = np.asarray(s.read_region((0, 0), 0, (1024, 1024)).convert("RGB"))
-    est2 = estimate_stain(sample_tiles([back]))
+    est2 = estimate_stain(sample_pixels([back]))
     assert np.dot(est2.haematoxylin, SHIFTED[0]) > 0.97 and np.dot(est2.eosin, SHIFTED[1]) > 0.97
 
     def agreement(a: np.ndarray, b: np.ndarray) -> float:

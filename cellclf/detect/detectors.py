@@ -14,7 +14,7 @@ import numpy as np
 from cellclf.annotations.tile_folder import TileSet, read_tile
 from cellclf.detect.classical import DetectParams, detect_cells
 from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
-from cellclf.detect.stain import adapt_params, estimate_stain, sample_tiles
+from cellclf.detect.stain import adapt_params, estimate_stain, sample_pixels
 from cellclf.errors import ConfigError
 
 DETECTORS = ("classical", "classical-adaptive", "learned")
@@ -27,7 +27,7 @@ class AdaptiveClassical:
                  params: DetectParams | None = None) -> None:
         images = ([read_tile(p) for p in tiles.images.values()] if isinstance(tiles, TileSet)
                   else list(tiles))
-        sample = sample_tiles(images)
+        sample = sample_pixels(images)
         self.stain = estimate_stain(sample)
         self.params = adapt_params(params or DetectParams(), self.stain)
         self.stain_record = self.stain.to_dict()

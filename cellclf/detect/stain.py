@@ -99,7 +99,7 @@ def estimate_stain(rgb: np.ndarray, od_min: float = 0.15, alpha: float = 1.0,
                          tuple(float(x) for x in g), "macenko", len(od), glass_note.strip("; "))
 
 
-def sample_tiles(tiles: list[np.ndarray], max_pixels: int = 400_000, seed: int = 0) -> np.ndarray:
+def sample_pixels(tiles: list[np.ndarray], max_pixels: int = 400_000, seed: int = 0) -> np.ndarray:
     """Up to ``max_pixels`` RGB pixels (N×3 uint8) drawn evenly from a list of tiles."""
     rng = np.random.default_rng(seed)
     per = max(1, max_pixels // max(1, len(tiles)))
@@ -118,9 +118,11 @@ def adapt_params(params: DetectParams, stain: StainEstimate) -> DetectParams:
 def slide_stain(reader, tissue, tile_um: float = 512.0, k: int = 4) -> StainEstimate:
     """The stain estimate of a slide from ``k`` tissue tile cores spread over it (a
     :class:`~cellclf.wsi.tile_reader.TileReader` at its working mpp and the tissue mask)."""
-    cores = reader.grid(tile_um, 0.0, tissue)
-    if not cores:
+    return sample_stain(reader.tissue_sample(tissue, tile_um, k))
+
+
+def sample_stain(sample: list[np.ndarray]) -> StainEstimate:
+    """The stain estimate of tiles already read (e.g. the slide guard's sample)."""
+    if not sample:
         return StainEstimate(note="no tissue tiles: Ruifrok-Johnston vectors and glass 245")
-    idx = np.unique(np.linspace(0, len(cores) - 1, min(k, len(cores))).round().astype(int))
-    return estimate_stain(sample_tiles([rgb for _, rgb in reader.iter_tiles([cores[i]
-                                                                             for i in idx])]))
+    return estimate_stain(sample_pixels(sample))

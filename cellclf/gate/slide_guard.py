@@ -36,7 +36,6 @@ import numpy as np
 
 from cellclf.gate.temperature import CalibrationError
 from cellclf.wsi.tile_reader import TileReader
-from cellclf.wsi.tiling import tile_grid
 from cellclf.wsi.tissue import TissueMask, slide_tissue_mask
 
 TISSUE_OD = 0.25
@@ -237,20 +236,15 @@ OOD_ACTION = ("every cell of this slide was sent to review. Check the staining a
 OOD_SAMPLE_TILES = 12
 
 
-def sample_tiles(tiles: list, k: int = OOD_SAMPLE_TILES) -> list:
-    """``k`` tiles spread evenly over the list (all of them when there are fewer)."""
-    if len(tiles) <= k:
-        return list(tiles)
-    idx = np.linspace(0, len(tiles) - 1, k).round().astype(int)
-    return [tiles[i] for i in idx]
-
-
 def tissue_sample_stats(reader: TileReader, tissue: TissueMask, tile_um: float = 512.0,
                         k: int = OOD_SAMPLE_TILES) -> SlideStats:
     """Stain and focus statistics of ``k`` tissue tile cores (no halo) spread over the slide: the
     one sample both calibration and inference measure, so their statistics are comparable."""
-    cores = tile_grid(reader.width, reader.height, reader.mpp, reader.work_mpp, tile_um, 0.0, tissue)
-    sample = [rgb for _, rgb in reader.iter_tiles(sample_tiles(cores, k))]
+    return reader_sample_stats(reader, reader.tissue_sample(tissue, tile_um, k))
+
+
+def reader_sample_stats(reader: TileReader, sample: list[np.ndarray]) -> SlideStats:
+    """:func:`slide_stats` of a sample read by ``reader`` (:meth:`TileReader.tissue_sample`)."""
     return slide_stats(sample, reader.work_mpp, source=str(reader.path), workers=reader.workers)
 
 

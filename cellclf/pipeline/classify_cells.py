@@ -74,7 +74,9 @@ def classify_cells_on_slide(path: str | Path, xy0: np.ndarray, engine: Any, card
         small, small_ds = tissue_thumbnail(reader)
         tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
         thumb, thumb_ds = overlay_thumbnail(reader, small, small_ds, 1600)
-        ood = ood_check(reader, tissue, card, params)
+        sample = (reader.tissue_sample(tissue, params.tile_um, params.ood_sample_tiles)
+                  if card.get("ood") else [])
+        ood = ood_check(reader, sample, card)
         gate = SlideGate(card, ood_slide=ood["flagged"])
         t1 = time.perf_counter()
         timings["open_tissue_ood"] = t1 - t0

@@ -22,7 +22,7 @@ import numpy as np
 
 from cellclf.card import Card
 from cellclf.detect.classical import detect_halo_um
-from cellclf.detect.stain import slide_stain
+from cellclf.detect.stain import sample_stain
 from cellclf.errors import ConfigError, ModelMismatchError
 from cellclf.gate.audit_bound import (
     DEFAULT_AUDIT_RATE,
@@ -32,7 +32,7 @@ from cellclf.gate.audit_bound import (
     blind_mask,
 )
 from cellclf.gate.conformal import aps_sets
-from cellclf.gate.slide_guard import OODParams, is_ood, tissue_sample_stats
+from cellclf.gate.slide_guard import OODParams, is_ood, reader_sample_stats
 from cellclf.gate.thresholds import GateParams, apply_gate, review_priority
 from cellclf.model.engine import Engine
 from cellclf.outputs.slide_result import SlideResult
@@ -81,8 +81,9 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         halo_um = _halo_um(crop_px, work_mpp, with_review=on_review is not None)
         tiles = reader.grid(params.tile_um, halo_um, tissue, params.min_tissue_fraction)
         clock.lap("open_tissue_tiling")
-        ood = ood_check(reader, tissue, card, params)
-        stain = slide_stain(reader, tissue, params.tile_um)  # recorded in summary.json
+        sample = reader.tissue_sample(tissue, params.tile_um, params.ood_sample_tiles)
+        ood = ood_check(reader, sample, card)
+        stain = sample_stain(sample)  # recorded in summary.json
         clock.lap("ood_check")
         gate = SlideGate(card, ood_slide=ood["flagged"])
         cells = _Cells(len(gate.classes))
@@ -195,11 +196,12 @@ def _halo_um(crop_px: int, work_mpp: float, with_review: bool) -> float:
                crop_halo_um(REVIEW_CONTEXT_PX, work_mpp) if with_review else 0.0)
 
 
-def ood_check(reader: TileReader, tissue: Any, card: Card, params: RunParams) -> dict[str, Any]:
-    """The slide's stain/focus statistics against the card's OOD envelope (when it has one)."""
+def ood_check(reader: TileReader, sample: list[np.ndarray], card: Card) -> dict[str, Any]:
+    """The stain/focus statistics of the slide's tissue sample (:meth:`TileReader.tissue_sample`)
+    against the card's OOD envelope (when it has one)."""
     if not card.get("ood"):
         return {"flagged": False, "reasons": []}
-    stats = tissue_sample_stats(reader, tissue, params.tile_um, params.ood_sample_tiles)
+    stats = reader_sample_stats(reader, sample)
     flagged, reasons = is_ood(stats, OODParams.from_dict(card["ood"]))
     return {"flagged": bool(flagged), "reasons": list(reasons), "stats": stats.to_dict()}
 

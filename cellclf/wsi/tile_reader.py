@@ -30,7 +30,7 @@ from cellclf.bounded_work import bounded_map
 from cellclf.errors import ConfigError
 from cellclf.wsi.jpeg_tiles import JpegTileSource, TileCache, probe
 from cellclf.wsi.slide import Slide, finish_read, plan_read
-from cellclf.wsi.tiling import Tile, tile_grid
+from cellclf.wsi.tiling import Tile, spread_evenly, tile_grid
 
 
 def default_workers() -> int:
@@ -101,6 +101,12 @@ class TileReader:
         """:func:`cellclf.wsi.tiling.tile_grid` for this slide at this reader's working mpp."""
         return tile_grid(self.width, self.height, self.mpp, self.work_mpp, tile_um, halo_um,
                          tissue, min_tissue_fraction)
+
+    def tissue_sample(self, tissue, tile_um: float, k: int) -> list[np.ndarray]:
+        """``k`` tissue tile cores (no halo) spread evenly over the slide, read at the working mpp:
+        the one sample the slide guard and the stain estimate measure."""
+        cores = self.grid(tile_um, 0.0, tissue)
+        return [rgb for _, rgb in self.iter_tiles(spread_evenly(cores, k))]
 
     def read_box(self, x0: float, y0: float, w0: float, h0: float, out_w: int,
                  out_h: int) -> np.ndarray:

@@ -137,3 +137,11 @@ def owner_index(tiles: list[Tile], xy0: np.ndarray) -> np.ndarray:
               & (xy[:, 1] < c[:, 3]))
     result[(cand >= 0) & inside] = cand[(cand >= 0) & inside]
     return result
+
+
+def spread_evenly(items: list, k: int) -> list:
+    """``k`` items spread evenly over the list (all of them when there are fewer)."""
+    if len(items) <= k:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, k).round().astype(int)
+    return [items[i] for i in idx]
