@@ -12,27 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import cli
 
 from cellclf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """Run ``cellclf ARGS`` through main(); (exit code, stdout + stderr)."""
-    old = sys.argv
-    sys.argv = ["cellclf", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert "Traceback" not in text, text
-    return code, " ".join(text.split())  # rich wraps long lines: compare on single spaces
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

@@ -16,24 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cellclf.cli import main
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["cellclf", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert "Traceback" not in text, text
-    return code, " ".join(text.split())
+from _cli import cli
 
 
 def blank_slide(path: Path, mpp: float = 0.25) -> Path:
