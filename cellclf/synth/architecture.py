@@ -132,17 +132,24 @@ def gland_stains(layout, xs_um: np.ndarray, ys_um: np.ndarray, aa_um: float
     return inside.astype(np.float32), h.astype(np.float32), e.astype(np.float32)
 
 
+def jittered_stain(rng: np.random.Generator, vectors, spreads, scale_sd: float,
+                   d: float) -> np.ndarray:
+    """Stain matrix (3×3 OD rows): each unit vector jittered by ``spread·d`` and renormalised,
+    then scaled by ``exp(N(0, scale_sd·d))``; the draw order is fixed (slides stay deterministic)."""
+    rows = []
+    for vec, spread in zip(vectors, spreads, strict=True):
+        v = np.asarray(vec, np.float64) / np.linalg.norm(vec)
+        v = np.clip(v + rng.normal(0.0, spread * d, 3), 0.01, None)
+        rows.append(v / np.linalg.norm(v))
+    scale = np.exp(rng.normal(0.0, scale_sd * d, 3))
+    return np.asarray(rows) * scale[:, None]
+
+
 def optics_v2(seed: int, difficulty: float, stain_h, stain_e, stain_d):
     """Stain vectors × scales, glass, blur µm, noise, JPEG quality over a real-world range."""
     d = 0.4 + 0.6 * float(difficulty)
     rng = np.random.default_rng([int(seed), 0x0971C6])
-    rows = []
-    for vec, spread in ((stain_h, 0.12), (stain_e, 0.10), (stain_d, 0.06)):
-        v = np.asarray(vec, np.float64) / np.linalg.norm(vec)
-        v = np.clip(v + rng.normal(0.0, spread * d, 3), 0.01, None)
-        rows.append(v / np.linalg.norm(v))
-    scale = np.exp(rng.normal(0.0, 0.28 * d, 3))
-    stain = np.asarray(rows) * scale[:, None]
+    stain = jittered_stain(rng, (stain_h, stain_e, stain_d), (0.12, 0.10, 0.06), 0.28, d)
     i0 = np.clip(242.0 + d * (rng.uniform(-12.0, 8.0) + rng.normal(0.0, 3.0, 3)), 222.0, 254.0)
     blur = 0.12 + 0.9 * d * float(rng.uniform(0.3, 1.0))
     noise = 1.2 + 4.0 * d * float(rng.uniform(0.5, 1.0))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .architecture import gland_stains, optics_v2
+from .architecture import gland_stains, jittered_stain, optics_v2
 from .cells import DRAW
 from .celltypes import MAX_RADIUS_UM
 from .layout import FIELD_EDEMA, FIELD_FIBRE, SlideLayout
@@ -46,13 +46,7 @@ def make_optics(seed: int, difficulty: float, style: str = "v1") -> Optics:
         return Optics(*optics_v2(seed, difficulty, STAIN_H, STAIN_E, STAIN_D))
     d = float(difficulty)
     rng = np.random.default_rng([int(seed), 0x0971C5])
-    rows = []
-    for vec, spread in ((STAIN_H, 0.06), (STAIN_E, 0.05), (STAIN_D, 0.05)):
-        v = np.asarray(vec, np.float64) / np.linalg.norm(vec)
-        v = np.clip(v + rng.normal(0.0, spread * d, 3), 0.01, None)
-        rows.append(v / np.linalg.norm(v))
-    scale = np.exp(rng.normal(0.0, 0.2 * d, 3))
-    stain = np.asarray(rows) * scale[:, None]
+    stain = jittered_stain(rng, (STAIN_H, STAIN_E, STAIN_D), (0.06, 0.05, 0.05), 0.2, d)
     i0 = np.clip(245.0 + d * (rng.uniform(-6.0, 5.0) + rng.normal(0.0, 2.0, 3)), 236.0, 252.0)
     blur = 0.08 + 0.7 * d * float(rng.uniform(0.5, 1.0))
     return Optics(stain.astype(np.float32), i0.astype(np.float32), blur, 0.8 + 4.0 * d,
