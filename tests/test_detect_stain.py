@@ -111,7 +111,8 @@ def test_stain_shifted_cmu_region_gives_same_candidates(tmp_path: Path) -> None:
 def test_estimate_matches_synthetic_slide_optics(tiny_slide) -> None:
     """A `cellclf synth` slide: the estimate recovers the stain vectors and glass it was drawn
     with (make_optics of its seed), through the slide reader used by run_slide."""
-    from cellclf.detect.stain import slide_stain
+    from cellclf.detect.stain import sample_stain
+    from cellclf.gate.slide_guard import OOD_SAMPLE_TILES
     from cellclf.synth.render import make_optics
     from cellclf.wsi.tile_reader import TileReader
     from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail
@@ -119,7 +120,8 @@ def test_estimate_matches_synthetic_slide_optics(tiny_slide) -> None:
     slide, _ = tiny_slide
     with TileReader(slide, 0.5, workers=1) as reader:
         small, ds = tissue_thumbnail(reader)
-        est = slide_stain(reader, require_tissue(tissue_mask(small, ds, reader.mpp), slide), 256.0)
+        tissue = require_tissue(tissue_mask(small, ds, reader.mpp), slide)
+        est = sample_stain(reader.tissue_sample(tissue, 256.0, OOD_SAMPLE_TILES))
     optics = make_optics(11, 0.3)  # the tiny_slide fixture's seed and difficulty
     truth = optics.stain / np.linalg.norm(optics.stain, axis=1, keepdims=True)
     assert est.source == "macenko"

@@ -115,14 +115,9 @@ def adapt_params(params: DetectParams, stain: StainEstimate) -> DetectParams:
     return replace(params, stain_he=(stain.haematoxylin, stain.eosin), glass_rgb=stain.glass)
 
 
-def slide_stain(reader, tissue, tile_um: float = 512.0, k: int = 4) -> StainEstimate:
-    """The stain estimate of a slide from ``k`` tissue tile cores spread over it (a
-    :class:`~cellclf.wsi.tile_reader.TileReader` at its working mpp and the tissue mask)."""
-    return sample_stain(reader.tissue_sample(tissue, tile_um, k))
-
-
 def sample_stain(sample: list[np.ndarray]) -> StainEstimate:
-    """The stain estimate of tiles already read (e.g. the slide guard's sample)."""
+    """The stain estimate of tiles already read: ``run_slide`` passes the slide guard's tissue
+    sample (:meth:`~cellclf.wsi.tile_reader.TileReader.tissue_sample`), read once."""
     if not sample:
         return StainEstimate(note="no tissue tiles: Ruifrok-Johnston vectors and glass 245")
     return estimate_stain(sample_pixels(sample))
