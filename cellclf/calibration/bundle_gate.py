@@ -137,23 +137,24 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
         "assumption": "the guarantee holds for slides exchangeable with these calibration "
                       "slides (same lab, stain, scanner, tissue); the OOD guard sends slides "
                       "whose stain or focus falls far outside them to review"}
-    return write_calibration(paths.root, logits, labels, stats, provenance, alpha=alpha,
+    return write_calibration(paths.root, logits, labels, fit_ood(stats).to_dict(), provenance, alpha=alpha,
                              delta=delta, alpha_set=alpha_set, beta=beta,
                              alpha_per_class=alpha_per_class, out=out,
                              slide_of_cell=slide_of_cell, unit=unit)
 
 
-def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list, provenance: dict,
-                      *, alpha: float = 0.01, delta: float = 0.05, alpha_set: float = 0.1,
-                      beta: float | None = DEFAULT_BETA,
+def write_calibration(bundle: str | Path, logits: Any, labels: Any, ood: dict[str, Any],
+                      provenance: dict, *, alpha: float = 0.01, delta: float = 0.05,
+                      alpha_set: float = 0.1, beta: float | None = DEFAULT_BETA,
                       alpha_per_class: dict[str, float] | None = None,
-                      out: str | Path | None = None, slide_of_cell: Any,
+                      out: str | Path | None = None, slide_of_cell: Any = None,
                       unit: str = "auto") -> dict[str, Any]:
-    """Fit temperature, gate, conformal sets (on calibration ``logits``/``labels``) and the OOD
-    guard (on the slides' ``stats``) and write them into the bundle's card.json; ``provenance``
-    (data, slides, assumption) goes into its ``calibration`` section. Shared by
-    :func:`calibrate_bundle` and ``cellclf label --calibrate`` (held-aside labelled cells).
-    ``slide_of_cell`` names each cell's slide for the slide-level bound (required)."""
+    """Fit temperature, gate and conformal sets on calibration ``logits``/``labels`` and write
+    them with the fitted OOD guard ``ood`` into the bundle's card.json; ``provenance`` (data,
+    slides, assumption) goes into its ``calibration`` section. Shared by :func:`calibrate_bundle`,
+    :func:`calibrate_crops` and ``cellclf label --calibrate`` (held-aside labelled cells).
+    ``slide_of_cell`` names each cell's slide for the slide-level bound (None for crop folders:
+    no slides, no slide-level statement)."""
     paths = bundle_paths(bundle)
     card = load_card(paths.root)
     classes = list(card.classes)
@@ -162,6 +163,38 @@ def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list,
     probs = softmax(logits, temperature)
     gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
                     alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
+    slide_gate = None
+    if slide_of_cell is not None:
+        gate, slide_gate, unit = _with_slide_gate(gate, probs, labels, slide_of_cell, classes,
+                                                  alpha, delta, alpha_per_class, unit)
+    aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
+    card_d = json.loads(paths.card.read_text())
+    card_d.update(temperature=float(temperature), gate=gate.to_dict(), conformal=aps.to_dict(),
+                  ood=ood)
+    card_d["calibration"] = {
+        **provenance,
+        "n_cells": int(len(labels)), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
+        "alpha_set": alpha_set}
+    summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
+               "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
+               "n_cells": int(len(labels))}
+    if slide_gate is not None:
+        card_d["gate_slides"] = slide_gate
+        card_d["calibration"]["gate_unit"] = unit
+        summary.update(gate_slides=slide_gate, slides=list(provenance.get("slides", [])))
+    write_calibrated_card(paths, card_d)
+    if out is not None:
+        atomic_write_json(Path(out) / "calibration.json", summary)
+    return summary
+
+
+def _with_slide_gate(gate: Any, probs: Any, labels: Any, slide_of_cell: Any,
+                     classes: list[str], alpha: float, delta: float,
+                     alpha_per_class: dict[str, float] | None,
+                     unit: str) -> tuple[Any, dict[str, Any], str]:
+    """The slide-level bound beside the cell-level gate (:func:`slide_level_gate` picks which
+    statement the thresholds carry); the gate's guarantee says when it is not established."""
     slide_gate = fit_slide_gate(probs, labels, slide_of_cell, classes, alpha, delta,
                                 gate.n_tests or len(classes), alpha_per_class=alpha_per_class)
     gate, unit = slide_level_gate(gate, slide_gate, unit)
@@ -179,27 +212,7 @@ def write_calibration(bundle: str | Path, logits: Any, labels: Any, stats: list,
                                    f"{slide_gate['statement']}")
     else:
         slide_gate["statement"] = slide_gate["guarantee"]
-    aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
-    ood = fit_ood(stats)
-    card_d = json.loads(paths.card.read_text())
-    card_d["temperature"] = float(temperature)
-    card_d["gate"] = gate.to_dict()
-    card_d["conformal"] = aps.to_dict()
-    card_d["ood"] = ood.to_dict()
-    card_d["gate_slides"] = slide_gate
-    card_d["calibration"] = {
-        **provenance,
-        "n_cells": int(len(labels)), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
-        "alpha_set": alpha_set, "gate_unit": unit}
-    write_calibrated_card(paths, card_d)
-    summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
-               "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
-               "n_cells": int(len(labels)), "gate_slides": slide_gate,
-               "slides": list(provenance.get("slides", []))}
-    if out is not None:
-        atomic_write_json(Path(out) / "calibration.json", summary)
-    return summary
+    return gate, slide_gate, unit
 
 
 PREVIOUS_CARD = "card.previous.json"
@@ -297,47 +310,16 @@ def calibrate_crops(root: Path, card: Any, data: str | Path, *, crop_mpp: float 
     truth = folder_truth(batch.files, card_class_map(card, class_map), batch.root)
     table = crop_table(batch, truth, card)
     ood, n_batches = fit_crop_ood(batch.crops, card.mpp, str(batch.root))
-    return _fit_and_write(root, table, ood.to_dict() | {"unit": "crop batch",
-                                                        "batch_crops": OOD_BATCH,
-                                                        "n_batches": n_batches},
-                          {"data": str(data), "kind": "crops", "crop_mpp": crop_mpp,
-                           "n_images": len(batch.files)},
-                          alpha=alpha, delta=delta, alpha_set=alpha_set, out=out, beta=beta,
-                          alpha_per_class=alpha_per_class)
-
-
-def _fit_and_write(root: Path, table: Any, ood_d: dict[str, Any], calib: dict[str, Any], *,
-                   alpha: float, delta: float, alpha_set: float, out: str | Path | None,
-                   beta: float | None, alpha_per_class: dict[str, float] | None) -> dict[str, Any]:
-    """Temperature, gate and conformal sets from a calibration cell table; written with the OOD
-    guard into card.json (the model's ONNX graph re-exported if present)."""
-    paths = bundle_paths(root)
-    card = load_card(root)
     logits, labels = gated_rows(table)
     if len(labels) == 0:
-        raise CellclfError(f"{calib['data']}: no cells to calibrate on")
-    classes = list(card.classes)
-    check_usable_labels(labels, classes, card.other_class, calib["data"], paths.root)
-    temperature = fit_temperature(logits, labels)
-    probs = softmax(logits, temperature)
-    gate = fit_gate(probs, labels, classes, alpha=alpha, delta=delta, temperature=temperature,
-                    alpha_per_class=alpha_per_class, beta=beta, other_class=card.other_class)
-    aps = fit_aps(probs, labels, classes, alpha_set=alpha_set)
-    card_d = json.loads(paths.card.read_text())
-    card_d.update(temperature=float(temperature), gate=gate.to_dict(), conformal=aps.to_dict(),
-                  ood=ood_d)
-    card_d["calibration"] = {
-        **calib, "n_cells": int(len(labels)),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "ece_before": ece(softmax(logits, 1.0), labels), "ece_after": ece(probs, labels),
-        "alpha_set": alpha_set,
+        raise CellclfError(f"{data}: no cells to calibrate on")
+    ood_d = ood.to_dict() | {"unit": "crop batch", "batch_crops": OOD_BATCH,
+                             "n_batches": n_batches}
+    provenance = {
+        "data": str(data), "kind": "crops", "crop_mpp": crop_mpp, "n_images": len(batch.files),
         "assumption": "the guarantee holds for cells exchangeable with these calibration cells "
                       "(same lab, stain, scanner, cell population); the stain/focus guard sends "
                       "batches whose stain or focus falls far outside them to review"}
-    write_calibrated_card(paths, card_d)
-    summary = {"temperature": temperature, "ece_before": card_d["calibration"]["ece_before"],
-               "ece_after": card_d["calibration"]["ece_after"], "gate": gate.to_dict(),
-               "n_cells": int(len(labels))}
-    if out is not None:
-        atomic_write_json(Path(out) / "calibration.json", summary)
-    return summary
+    return write_calibration(root, logits, labels, ood_d, provenance, alpha=alpha, delta=delta,
+                             alpha_set=alpha_set, out=out, beta=beta,
+                             alpha_per_class=alpha_per_class)

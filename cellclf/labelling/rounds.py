@@ -24,7 +24,7 @@ from cellclf.calibration.bundle_gate import write_calibration
 from cellclf.detect.slide_detection import detect_slide
 from cellclf.errors import CellclfError
 from cellclf.gate.risk_bounds import min_cells_zero_errors
-from cellclf.gate.slide_guard import slide_ood_stats
+from cellclf.gate.slide_guard import fit_ood, slide_ood_stats
 from cellclf.labelling.project import Pool, Project, ProjectConfig, ProjectSlide
 from cellclf.labelling.selection import (
     cell_features,
@@ -338,7 +338,8 @@ def calibrate_project(root: str | Path, alpha: float | None = None, delta: float
                                 "trained on, slides that were): the guarantee holds for cells "
                                 "exchangeable with them; check it on new slides of the lab "
                                 "with `cellclf evaluate` before relying on it"}
-    return write_calibration(bundle, logits, labels.label[held], stats, provenance,
+    return write_calibration(bundle, logits, labels.label[held], fit_ood(stats).to_dict(),
+                             provenance,
                              alpha=alpha if alpha is not None else cfg.alpha,
                              delta=delta if delta is not None else cfg.delta,
                              alpha_set=alpha_set, out=project.round_dir(rounds[-1]),
