@@ -111,3 +111,21 @@ def test_centres_outside_and_bad_input(slide_path: Path) -> None:
     assert extract_crops(slide_path, np.zeros((0, 2)), 0.25, 32).shape == (0, 32, 32, 3)
     with pytest.raises(ConfigError, match="crops.tif"):
         extract_crops(slide_path, np.array([[np.nan, 1.0]]), 0.25, 32)
+
+
+def test_cut_crops_equal_a_gather_of_the_same_pixels() -> None:
+    """The per-crop slice copy equals a fancy-index gather of the same windows (white beyond the
+    tile), for centres inside, on and beyond the tile's edges."""
+    rng = np.random.default_rng(3)
+    tile = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    centres = np.vstack([rng.uniform(-20, 140, (60, 2)), [[0, 0], [119.5, 89.5], [60, 45]]])
+    for crop in (1, 16, 33, 64):
+        got = cut_crops(tile, centres, crop)
+        corners = crop_corners(centres, crop)
+        pad = 200
+        src = np.pad(tile, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+        offsets = np.arange(crop)
+        rows = corners[:, 1, None] + pad + offsets
+        cols = corners[:, 0, None] + pad + offsets
+        np.testing.assert_array_equal(got, src[rows[:, :, None], cols[:, None, :]])
+        assert got.dtype == np.uint8 and got.flags.c_contiguous

@@ -173,3 +173,48 @@ def test_detect_cells_is_the_default_detector(shipped_model, tiny_svs) -> None:
         stage = HostStage(OnnxEngine(shipped_model), reader, card.crop_px)
         stage.close()
     assert stage.detect is detect_cells
+
+
+def test_host_stage_context_views_are_cut_for_the_asked_rows(tiny_svs, shipped_model) -> None:
+    """With review, the stage cuts context views only for the rows asked for (the gated cells),
+    from the tile windows the batch came from: the same pixels as cutting every cell's view from
+    its tile, for any rows in any order, across the tiles of a batch."""
+    from cellclf.pipeline.stage import REVIEW_CONTEXT_PX
+    from cellclf.wsi.crops import cut_crops
+
+    card = load_card(shipped_model)
+    engine = OnnxEngine(shipped_model)
+
+    def grid_detector(rgb: np.ndarray, mpp: float) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        ys, xs = np.mgrid[16:h - 16:40, 16:w - 16:40]
+        return np.column_stack((xs.ravel(), ys.ravel())).astype(np.float32)
+
+    with TileReader(tiny_svs[0], card.mpp, workers=2) as reader:
+        tiles = reader.grid(256.0, 45.0, slide_tissue_mask(reader))
+        with HostStage(engine, reader, card.crop_px, batch_cells=200, with_context=True,
+                       detect=grid_detector) as stage:
+            batches = [b for b in stage.run(tiles) if len(b)]
+        every = []  # every owned cell's view, cut the former way (all cells, then rows)
+        for tile, rgb in reader.iter_tiles(tiles):
+            centres, _ = tile.owned_cells(grid_detector(rgb, reader.work_mpp))
+            every.append(cut_crops(rgb, centres, REVIEW_CONTEXT_PX))
+    every_ctx = np.concatenate(every)
+    b = max(batches, key=len)
+    assert len(b) > 40
+    first = sum(len(x) for x in batches[:batches.index(b)])
+    rng = np.random.default_rng(0)
+    for rows in (np.array([len(b) - 1, 0, 7]), np.sort(rng.choice(len(b), 25, replace=False)),
+                 np.arange(len(b)), np.zeros(0, np.int64)):
+        crops, ctx = b.review_images(rows)
+        assert ctx.shape == (len(rows), REVIEW_CONTEXT_PX, REVIEW_CONTEXT_PX, 3)
+        np.testing.assert_array_equal(ctx, every_ctx[first + rows])
+        assert crops.shape == (len(rows), card.crop_px, card.crop_px, 3)
+
+
+def test_onnx_spinning_does_not_change_probabilities(shipped_model) -> None:
+    """onnxruntime's thread spinning (off by default in the pipeline) is scheduling only."""
+    crops = np.random.default_rng(1).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    quiet = OnnxEngine(shipped_model, threads=2).classify(crops)
+    spinning = OnnxEngine(shipped_model, threads=2, spin=True).classify(crops)
+    np.testing.assert_array_equal(quiet, spinning)

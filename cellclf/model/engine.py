@@ -156,12 +156,16 @@ class OnnxEngine:
     downstream never applies the fp32 gate to int8 probabilities. An int8 file without its own
     gate, an int8 file loaded as fp32 (or the reverse) and an int8 file from other weights are
     refused. ``threads`` sets onnxruntime's intra-op threads (0 = one per physical core).
+    ``spin``: onnxruntime's worker threads busy-wait between operators (its default). Off here:
+    in a pipeline the reader, detector and review threads share the cores with the classifier,
+    and spinning threads take the cycles they need (docs/benchmarks.md, whole job vs pipeline).
     """
 
     backend = "onnx"
 
     def __init__(self, bundle: str | Path, device: str = "auto", batch: int = 256,
-                 onnx_file: str | None = None, precision: str = "fp32", threads: int = 0):
+                 onnx_file: str | None = None, precision: str = "fp32", threads: int = 0,
+                 spin: bool = False):
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
@@ -203,6 +207,7 @@ class OnnxEngine:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name

@@ -45,12 +45,12 @@ class HostStage:
         self.info = {"stage": "host", "decode": "host"}
 
     def _cells_of(self, item: tuple[Tile, np.ndarray]) -> tuple:
-        """One tile: its owned cells' level-0 centres, crops and (with review) context views."""
+        """One tile: its owned cells' level-0 centres, crops and (with review) the window and the
+        centres the context views of its gated cells are cut from once the batch is gated."""
         tile, rgb = item
         centres, xy0 = tile.owned_cells(self.detect(rgb, self.reader.work_mpp))
         crops = cut_crops(rgb, centres, self.crop_px)
-        ctx = cut_crops(rgb, centres, REVIEW_CONTEXT_PX) if self.with_context else None
-        return xy0, crops, ctx
+        return xy0, crops, (rgb, centres) if self.with_context else None
 
     def run(self, tiles: list[Tile]) -> Iterator[CellBatch]:
         pending: list[tuple] = []
@@ -75,12 +75,12 @@ class HostStage:
                                            None), tiles_done)
         xy0 = np.concatenate([p[0] for p in pending])
         crops = np.concatenate([p[1] for p in pending])
-        ctx = np.concatenate([p[2] for p in pending]) if self.with_context else None
+        windows = [p[2] for p in pending] if self.with_context else None
         t0 = time.perf_counter()
         probs = self.engine.classify(crops)
         self.timings["classify"] += time.perf_counter() - t0
-        return CellBatch(xy0, probs, lambda rows: (crops[rows], None if ctx is None else ctx[rows]),
-                         tiles_done)
+        return CellBatch(xy0, probs, lambda rows: (
+            crops[rows], None if windows is None else context_views(windows, rows)), tiles_done)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -90,6 +90,21 @@ class HostStage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def context_views(windows: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> np.ndarray:
+    """Review context views (n, ctx, ctx, 3) of the batch ``rows``, cut from the tile windows
+    (``(rgb, owned centres in tile px)`` per tile, in batch order) only for the rows asked for:
+    the gated cells, a tenth of a batch or less, instead of every cell."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((len(rows), REVIEW_CONTEXT_PX, REVIEW_CONTEXT_PX, 3), np.uint8)
+    starts = np.cumsum([0] + [len(centres) for _, centres in windows])
+    owner = np.searchsorted(starts, rows, side="right") - 1
+    for k in np.unique(owner):
+        mine = np.flatnonzero(owner == k)
+        rgb, centres = windows[k]
+        out[mine] = cut_crops(rgb, centres[rows[mine] - starts[k]], REVIEW_CONTEXT_PX)
+    return out
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

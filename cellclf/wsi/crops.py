@@ -45,10 +45,11 @@ def cut_crops(tile_rgb: np.ndarray, centres_px: np.ndarray, crop_px: int) -> np.
     src = tile_rgb[..., :3]
     if pad:  # only when a crop leaves the tile (halo smaller than half a crop)
         src = np.pad(src, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
-    offsets = np.arange(crop_px)
-    rows = corners[:, 1, None] + pad + offsets  # (N, crop)
-    cols = corners[:, 0, None] + pad + offsets
-    return src[rows[:, :, None], cols[:, None, :]]
+    # one slice copy per crop (rows of contiguous bytes): ~40× faster than a fancy-index gather
+    out = np.empty((n, crop_px, crop_px, 3), np.uint8)
+    for i, (x, y) in enumerate((corners + pad).tolist()):
+        out[i] = src[y:y + crop_px, x:x + crop_px]
+    return out
 
 
 def crop_halo_um(crop_px: int, work_mpp: float) -> float:
