@@ -181,7 +181,18 @@ class OnnxEngine:
             flag = " --int8" if precision == "int8" else ""
             raise BundleError(f"{path} not found: run `cellclf export {paths.root}{flag}` first")
         check_graph(card, None, path, precision)  # sha256 first: a truncated file never loads
-        meta_card = onnx_card(path)
+        available = ort.get_available_providers()
+        wanted = ["CPUExecutionProvider"]
+        if device != "cpu":
+            wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+                      if p in available] + wanted
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.session = _session(path, opts, wanted)  # one session: the metadata comes from it
+        meta_card = metadata_card(self.session.get_modelmeta().custom_metadata_map, path)
         check_graph(card, meta_card, path, precision)
         graph_precision = (meta_card.get("onnx") or {}).get("precision", "fp32")
         if graph_precision != precision:
@@ -198,17 +209,6 @@ class OnnxEngine:
             raise BundleError(f"{path} was exported with temperature {t_graph} but card.json says "
                               f"{t_card} (recalibrated since?): run `cellclf export {paths.root}{flag}` "
                               "again")
-        available = ort.get_available_providers()
-        wanted = ["CPUExecutionProvider"]
-        if device != "cpu":
-            wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-                      if p in available] + wanted
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.batch = batch
@@ -253,16 +253,21 @@ def _int8_card(root: Path, card: Card, onnx_file: str | None) -> tuple[Path, Car
     return root / (onnx_file or section["file"]), int8_card
 
 
-def onnx_card(path: str | Path) -> dict:
-    """The card stored in an ONNX file's metadata (key ``cellclf_card``)."""
+def _session(path: str | Path, opts: Any = None, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session of ``path``; a file it cannot read is a :class:`BundleError`."""
     import onnxruntime as ort
 
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
         raise BundleError(f"{path} is not a readable ONNX graph ({type(exc).__name__}): run "
                           f"`cellclf export {Path(path).parent}` again") from exc
-    return metadata_card(sess.get_modelmeta().custom_metadata_map, Path(path))
+
+
+def onnx_card(path: str | Path) -> dict:
+    """The card stored in an ONNX file's metadata (key ``cellclf_card``)."""
+    return metadata_card(_session(path).get_modelmeta().custom_metadata_map, Path(path))
 
 
 def torch_available() -> bool:

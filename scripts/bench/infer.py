@@ -48,7 +48,7 @@ def child(kind: str, slide: Path, out: Path, model: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     spy = _start_py_spy(Path(os.environ["CELLCLF_BENCH_PYSPY"])) \
         if os.environ.get("CELLCLF_BENCH_PYSPY") else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     if what == "run_slide":
         engine = load_engine(model, backend="onnx", precision=precision)
         result = run_slide(slide, engine, engine.card, slide_id=slide.stem)
@@ -64,13 +64,19 @@ def child(kind: str, slide: Path, out: Path, model: Path) -> dict:
         cells = summary["n_cells"]
         queued = sum(v["review"] for v in summary["counts"].values())
         timings = summary["timings_s"]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     if spy is not None:  # SIGINT: py-spy writes its file and exits
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"kind": kind, "seconds": wall, "cells": cells, "queued": queued, "peak_rss_mb": peak_mb,
-            "timings": {k: round(v, 2) for k, v in timings.items()}}
+    return {"kind": kind, "seconds": wall, "cpu_s": cpu, "cells": cells, "queued": queued,
+            "peak_rss_mb": peak_mb, "timings": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, every thread."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def _start_py_spy(output: Path) -> subprocess.Popen:
@@ -208,7 +214,8 @@ def main() -> int:
             res["load"] = os.getloadavg()[0]
             loads.append(res["load"])
             results[kind].append(res)
-            print(f"round {r + 1} {kind}: {res['seconds']:.2f} s, {res['cells']} cells, "
+            print(f"round {r + 1} {kind}: {res['seconds']:.2f} s (CPU {res['cpu_s']:.1f} s), "
+                  f"{res['cells']} cells, "
                   f"{res['cells'] / res['seconds']:,.0f} cells/s, {res['queued']} to review, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB, load {res['load']:.1f}; "
                   f"{res['timings']}", flush=True)
@@ -220,13 +227,16 @@ def main() -> int:
         print(f"profiled infer:fp32 run: {res['seconds']:.2f} s, {total} active samples at 50/s")
         print("\n".join(prof_rows))
 
-    table = ["| run | min s | median s | cells | cells/s (median) | to review | peak RSS MB "
-             "(max) | load avg |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    table = ["| run | min s | median s | cells | cells/s (median) | CPU ms per cell | to review | "
+             "peak RSS MB (max) | load avg |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for kind, rs in results.items():
         secs = [x["seconds"] for x in rs]
         med = statistics.median(secs)
         table.append(f"| {kind} | {min(secs):.2f} | {med:.2f} | {rs[0]['cells']} | "
-                     f"{rs[0]['cells'] / med:,.0f} | {rs[0]['queued']} | "
+                     f"{rs[0]['cells'] / med:,.0f} | "
+                     f"{1e3 * statistics.median(x['cpu_s'] for x in rs) / rs[0]['cells']:.2f} | "
+                     f"{rs[0]['queued']} | "
                      f"{max(x['peak_rss_mb'] for x in rs):.0f} | "
                      f"{min(x['load'] for x in rs):.1f}–{max(x['load'] for x in rs):.1f} |")
     ratios = []
