@@ -251,3 +251,43 @@ def test_info_command(shared_wsi: Path) -> None:
     result = runner.invoke(app, ["info", str(shared_wsi / "tcga-cr-7395-01a-01-ts1.svs"),
                                  "--mpp", "0.5"])
     assert result.exit_code == 0 and "override" in result.output and "OpenSlide" in result.output
+
+
+def test_half_reduction_equals_pillow_bilinear_bit_for_bit() -> None:
+    """The numpy 2× reduction is Pillow's BILINEAR resize of the same box, bit for bit, for
+    random pixels at any offset and size (odd, even, one output pixel) and for a smooth image."""
+    from PIL import Image
+
+    from cellclf.wsi.slide import reduce_half_bilinear
+
+    rng = np.random.default_rng(5)
+    cases = [(2382, 2382, 1188, 1188, 3, 3), (50, 61, 20, 22, 3, 3), (40, 40, 17, 18, 1, 2),
+             (9, 9, 3, 3, 2, 1), (5, 7, 1, 1, 1, 1), (64, 33, 15, 30, 2, 1)]
+    for h, w, out_w, out_h, x0, y0 in cases:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if h == 2382:  # a smooth gradient too: no luck from noise
+            yy, xx = np.mgrid[0:h, 0:w]
+            rgb = np.stack([(xx // 9) % 256, (yy // 7) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        want = np.asarray(Image.fromarray(rgb).resize(
+            (out_w, out_h), Image.Resampling.BILINEAR, box=(x0, y0, x0 + 2 * out_w, y0 + 2 * out_h)))
+        np.testing.assert_array_equal(reduce_half_bilinear(rgb, x0, y0, out_w, out_h), want)
+
+
+def test_finish_read_takes_the_numpy_reduction_only_where_it_is_exact() -> None:
+    """finish_read's result equals Pillow's resize on every plan: exact 2× integer boxes (numpy
+    route), fractional boxes, other scales and boxes touching the read's edge (Pillow route)."""
+    from PIL import Image
+
+    from cellclf.wsi.slide import ReadPlan, finish_read, halves_exactly
+
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)
+    plans = [ReadPlan(0, 0, 0, 70, 60, (3.0, 3.0, 63.0, 53.0), 30, 25),  # exact: numpy
+             ReadPlan(0, 0, 0, 70, 60, (3.5, 3.0, 63.5, 53.0), 30, 25),  # fractional
+             ReadPlan(0, 0, 0, 70, 60, (3.0, 3.0, 63.0, 53.0), 20, 25),  # 3× across
+             ReadPlan(0, 0, 0, 70, 60, (0.0, 0.0, 60.0, 50.0), 30, 25)]  # no pixel around
+    assert [halves_exactly(rgb, p) for p in plans] == [True, False, False, False]
+    for p in plans:
+        want = np.asarray(Image.fromarray(rgb).resize((p.out_w, p.out_h),
+                                                      Image.Resampling.BILINEAR, box=p.box))
+        np.testing.assert_array_equal(finish_read(rgb, p), want)
