@@ -140,3 +140,35 @@ def test_bad_json_reports_line_and_column(tmp_path: Path) -> None:
         read_points(p)
     with pytest.raises(AnnotationError, match="not found"):
         read_points(tmp_path / "missing.geojson")
+
+
+def test_cells_geojson_fast_path_writes_the_generic_bytes(tmp_path: Path) -> None:
+    """cells.geojson formatted directly is byte for byte what write_points + json.dumps write,
+    and the parquet's conformal-set strings equal the per-row join, for random cells (any
+    classes, non-ASCII names, every reason); a non-finite probability takes the generic path."""
+    from cellclf.outputs.results import (
+        _cell_points,
+        conformal_strings,
+        write_cells_geojson,
+    )
+    from cellclf.outputs.slide_result import SlideResult
+
+    rng = np.random.default_rng(2)
+    classes = ["eosinophil", "neutrophil", "mastzelle_ä", "other"]
+    n = 500
+    probs = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    probs[0] = [1.0, 0.0, 0.0, 0.0]
+    xy0 = np.column_stack([rng.uniform(0, 1e5, n), rng.integers(0, 9, n) * 1e16])
+    reason = rng.choice(["accepted", "low_confidence", "ood_slide", 'odd "quoted"'], n)
+    result = SlideResult("s", "p", 0.25, 1, 1, None, classes, xy0, probs, probs.max(1) > 0.6,
+                         reason.astype(object), rng.random((n, 4)) < 0.3, 1.0,
+                         np.zeros((4, 4, 3), np.uint8), 1.0)
+    assert write_cells_geojson(tmp_path / "fast.geojson", result) == n
+    write_points(tmp_path / "generic.geojson", _cell_points(result))
+    assert (tmp_path / "fast.geojson").read_bytes() == (tmp_path / "generic.geojson").read_bytes()
+    names = np.asarray(classes, dtype=object)
+    assert conformal_strings(result.conformal, classes).tolist() == [
+        "|".join(names[row]) for row in result.conformal]
+    result.probs[3, 1] = np.nan  # generic path: null, as before
+    write_cells_geojson(tmp_path / "nan.geojson", result)
+    assert '"p_neutrophil":null' in (tmp_path / "nan.geojson").read_text()

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,23 @@ def write_points(path: str | os.PathLike[str], points0: Iterable[tuple]) -> int:
     leaves the detection unclassified. The file is written to a temporary name beside ``path``
     and renamed when complete (atomic on one file system).
     """
+    def features() -> Iterator[str]:
+        for n, item in enumerate(points0):
+            if len(item) < 2 or len(item) > 4:
+                raise ValueError(f"point {n}: expected (x, y[, name[, extra]]), got {item!r}")
+            x, y = float(item[0]), float(item[1])
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ValueError(f"point {n}: coordinates must be finite, got ({x}, {y})")
+            name = item[2] if len(item) > 2 else None
+            extra = item[3] if len(item) > 3 else None
+            yield _feature(x, y, name, extra)
+
+    return write_features(path, features())
+
+
+def write_features(path: str | os.PathLike[str], features: Iterable[str]) -> int:
+    """Stream features already rendered as compact JSON (as :func:`write_points` renders them)
+    into a FeatureCollection, atomically (temporary name, then rename); return how many."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -109,15 +126,8 @@ def write_points(path: str | os.PathLike[str], points0: Iterable[tuple]) -> int:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
             buf: list[str] = []
-            for item in points0:
-                if len(item) < 2 or len(item) > 4:
-                    raise ValueError(f"point {n}: expected (x, y[, name[, extra]]), got {item!r}")
-                x, y = float(item[0]), float(item[1])
-                if not (math.isfinite(x) and math.isfinite(y)):
-                    raise ValueError(f"point {n}: coordinates must be finite, got ({x}, {y})")
-                name = item[2] if len(item) > 2 else None
-                extra = item[3] if len(item) > 3 else None
-                buf.append(("\n" if n == 0 else ",\n") + _feature(x, y, name, extra))
+            for feature in features:
+                buf.append(("\n" if n == 0 else ",\n") + feature)
                 n += 1
                 if len(buf) >= 4096:
                     fh.write("".join(buf))

@@ -8,14 +8,16 @@ Sits at the end of the flow: :func:`cellclf.pipeline.run_slide.run_slide` return
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from cellclf.annotations.geojson import write_points
+from cellclf.annotations.geojson import class_color, write_features, write_points
 from cellclf.card import Card
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.outputs.clinical_call import Rule, clinical_calls, load_rules
@@ -114,7 +116,7 @@ def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -
         for s in range(0, max(result.n_cells, 1), batch):
             sl = slice(s, min(s + batch, result.n_cells))
             ids = np.arange(sl.start, sl.stop, dtype=np.int64)
-            conf_sets = ["|".join(names[row]) for row in result.conformal[sl]]
+            conf_sets = conformal_strings(result.conformal[sl], classes).tolist()
             cols = [pa.array(ids), pa.array(result.xy0[sl, 0]), pa.array(result.xy0[sl, 1]),
                     pa.array(names[pred[sl]].astype(str) if len(ids) else [], pa.string())]
             cols += [pa.array(result.probs[sl, k].astype(np.float32)) for k in range(len(classes))]
@@ -124,7 +126,47 @@ def write_cells_parquet(path: Path, result: SlideResult, batch: int = 100_000) -
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
 
 
+def conformal_strings(conformal: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Each row's conformal set as "a|b" (card order), through a table of the 2^K sets."""
+    k = len(classes)
+    if k > 16:
+        return np.array(["|".join(c for c, m in zip(classes, row, strict=True) if m)
+                         for row in conformal], dtype=object)
+    table = np.array(["|".join(c for j, c in enumerate(classes) if code >> j & 1)
+                      for code in range(1 << k)], dtype=object)
+    return table[np.asarray(conformal, bool) @ (1 << np.arange(k))]
+
+
 def write_cells_geojson(path: Path, result: SlideResult) -> int:
+    """cells.geojson: one QuPath detection per cell (class, probabilities, decision, reason).
+    Rendered by :func:`_cell_features`, byte for byte what :func:`write_points` writes (the
+    generic path is kept for non-finite numbers, which it writes as null)."""
+    if np.isfinite(result.probs).all() and np.isfinite(result.xy0).all():
+        return write_features(path, _cell_features(result))
+    return write_points(path, _cell_points(result))
+
+
+def _cell_features(result: SlideResult) -> Iterator[str]:
+    """The cells' GeoJSON features as compact JSON, formatted directly (~6× json.dumps)."""
+    dumps = json.dumps
+    classes = result.classes
+    cls_json = [dumps({"name": c, "color": list(class_color(c))}, separators=(",", ":"))
+                for c in classes]
+    keys = [dumps(f"p_{c}") for c in classes]
+    reasons = {r: dumps(r) for r in set(result.reason.astype(str).tolist())}
+    head = '{"type":"Feature","geometry":{"type":"Point","coordinates":['
+    for i, (x, y, k, probs, ok, reason) in enumerate(zip(
+            result.xy0[:, 0].tolist(), result.xy0[:, 1].tolist(), result.pred.tolist(),
+            result.probs.tolist(), result.accept.tolist(), result.reason.astype(str).tolist(),
+            strict=True)):
+        measurements = ",".join([f"{key}:{p!r}" for key, p in zip(keys, probs, strict=True)])
+        yield (f'{head}{x!r},{y!r}]}},"properties":{{"objectType":"detection","classification":'
+               f'{cls_json[k]},"measurements":{{{measurements},"cell_id":{i}}},"decision":'
+               f'"{"accepted" if ok else "review"}","reason":{reasons[reason]}}}}}')
+
+
+def _cell_points(result: SlideResult) -> Iterator[tuple]:
+    """The cells as :func:`write_points` items (the generic path)."""
     classes = result.classes
     pred = result.pred
 
@@ -139,7 +181,7 @@ def write_cells_geojson(path: Path, result: SlideResult) -> int:
             }
             yield float(result.xy0[i, 0]), float(result.xy0[i, 1]), name, props
 
-    return write_points(path, features())
+    return features()
 
 
 def write_slide_results(out_dir: Path, result: SlideResult, card: Card, params: dict,
