@@ -258,7 +258,7 @@ def test_half_reduction_equals_pillow_bilinear_bit_for_bit() -> None:
     random pixels at any offset and size (odd, even, one output pixel) and for a smooth image."""
     from PIL import Image
 
-    from cellclf.wsi.slide import reduce_half_bilinear
+    from cellclf.wsi.reduce import reduce_half_bilinear
 
     rng = np.random.default_rng(5)
     cases = [(2382, 2382, 1188, 1188, 3, 3), (50, 61, 20, 22, 3, 3), (40, 40, 17, 18, 1, 2),
@@ -278,7 +278,8 @@ def test_finish_read_takes_the_numpy_reduction_only_where_it_is_exact() -> None:
     route), fractional boxes, other scales and boxes touching the read's edge (Pillow route)."""
     from PIL import Image
 
-    from cellclf.wsi.slide import ReadPlan, finish_read, halves_exactly
+    from cellclf.wsi.reduce import halves_exactly
+    from cellclf.wsi.slide import ReadPlan, finish_read
 
     rng = np.random.default_rng(6)
     rgb = rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)
@@ -286,7 +287,7 @@ def test_finish_read_takes_the_numpy_reduction_only_where_it_is_exact() -> None:
              ReadPlan(0, 0, 0, 70, 60, (3.5, 3.0, 63.5, 53.0), 30, 25),  # fractional
              ReadPlan(0, 0, 0, 70, 60, (3.0, 3.0, 63.0, 53.0), 20, 25),  # 3× across
              ReadPlan(0, 0, 0, 70, 60, (0.0, 0.0, 60.0, 50.0), 30, 25)]  # no pixel around
-    assert [halves_exactly(rgb, p) for p in plans] == [True, False, False, False]
+    assert [halves_exactly(rgb, p.box, p.out_w, p.out_h) for p in plans] == [True, False, False, False]
     for p in plans:
         want = np.asarray(Image.fromarray(rgb).resize((p.out_w, p.out_h),
                                                       Image.Resampling.BILINEAR, box=p.box))

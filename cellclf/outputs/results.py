@@ -196,14 +196,14 @@ def write_slide_results(out_dir: Path, result: SlideResult, card: Card, params: 
     from concurrent.futures import ThreadPoolExecutor
 
     try:
-        with ThreadPoolExecutor(2, thread_name_prefix="cellclf-write") as pool:  # pyarrow, zlib
+        with ThreadPoolExecutor(3, thread_name_prefix="cellclf-write") as pool:  # pyarrow, zlib
             jobs = [pool.submit(write_cells_parquet, tmp / "cells.parquet", result),  # and numpy
                     pool.submit(write_cells_geojson, tmp / "cells.geojson", result)]  # overlap
             summary = build_summary(result, card, params, versions, hpf_area_mm2, rules)
-            write_overlay(tmp / "overlay.png", result, summary)
+            jobs.append(pool.submit(write_overlay, tmp / "overlay.png", result, summary))
+            atomic_write_json(tmp / "summary.json", summary)
             for job in jobs:
                 job.result()
-        atomic_write_json(tmp / "summary.json", summary)
         write_report(tmp)
     except BaseException:  # e.g. a full disk: no partial slide folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
