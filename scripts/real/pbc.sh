@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" scripts/real/pbc_split.py "$PBC" "$OUT/split"
+"$PY" scripts/real/pbc_split.py "$PBC" "$OUT/split" --fractions "${SPLIT:-0.3,0.5,0.2}"
 OTHER="data.class_map.lymphocyte=other data.class_map.monocyte=other data.class_map.ig=other \
  data.class_map.erythroblast=other data.class_map.platelet=other"
 INIT_ARG=()
