@@ -142,7 +142,7 @@ def test_bad_json_reports_line_and_column(tmp_path: Path) -> None:
         read_points(tmp_path / "missing.geojson")
 
 
-def test_cells_geojson_fast_path_writes_the_generic_bytes(tmp_path: Path) -> None:
+def test_cells_geojson_fast_path_writes_the_generic_bytes(tmp_path: Path, monkeypatch) -> None:
     """cells.geojson formatted directly is byte for byte what write_points + json.dumps write,
     and the parquet's conformal-set strings equal the per-row join, for random cells (any
     classes, non-ASCII names, every reason); a non-finite probability takes the generic path."""
@@ -163,6 +163,9 @@ def test_cells_geojson_fast_path_writes_the_generic_bytes(tmp_path: Path) -> Non
     result = SlideResult("s", "p", 0.25, 1, 1, None, classes, xy0, probs, probs.max(1) > 0.6,
                          reason.astype(object), rng.random((n, 4)) < 0.3, 1.0,
                          np.zeros((4, 4, 3), np.uint8), 1.0)
+    from cellclf.outputs import results
+
+    monkeypatch.setattr(results, "_CHUNK_CELLS", 64)  # several chunks, a ragged last one
     assert write_cells_geojson(tmp_path / "fast.geojson", result) == n
     write_points(tmp_path / "generic.geojson", _cell_points(result))
     assert (tmp_path / "fast.geojson").read_bytes() == (tmp_path / "generic.geojson").read_bytes()

@@ -153,16 +153,23 @@ def _cell_features(result: SlideResult) -> Iterator[str]:
     cls_json = [dumps({"name": c, "color": list(class_color(c))}, separators=(",", ":"))
                 for c in classes]
     keys = [dumps(f"p_{c}") for c in classes]
-    reasons = {r: dumps(r) for r in set(result.reason.astype(str).tolist())}
+    reasons = {r: dumps(r) for r in {str(x) for x in set(result.reason.tolist())}}
     head = '{"type":"Feature","geometry":{"type":"Point","coordinates":['
-    for i, (x, y, k, probs, ok, reason) in enumerate(zip(
-            result.xy0[:, 0].tolist(), result.xy0[:, 1].tolist(), result.pred.tolist(),
-            result.probs.tolist(), result.accept.tolist(), result.reason.astype(str).tolist(),
-            strict=True)):
-        measurements = ",".join([f"{key}:{p!r}" for key, p in zip(keys, probs, strict=True)])
-        yield (f'{head}{x!r},{y!r}]}},"properties":{{"objectType":"detection","classification":'
-               f'{cls_json[k]},"measurements":{{{measurements},"cell_id":{i}}},"decision":'
-               f'"{"accepted" if ok else "review"}","reason":{reasons[reason]}}}}}')
+    pred = result.pred
+    for s in range(0, result.n_cells, _CHUNK_CELLS):  # Python objects for a chunk at a time
+        sl = slice(s, s + _CHUNK_CELLS)
+        for i, (x, y, k, probs, ok, reason) in enumerate(zip(
+                result.xy0[sl, 0].tolist(), result.xy0[sl, 1].tolist(), pred[sl].tolist(),
+                result.probs[sl].tolist(), result.accept[sl].tolist(),
+                result.reason[sl].astype(str).tolist(), strict=True), start=s):
+            measurements = ",".join([f"{key}:{p!r}" for key, p in zip(keys, probs, strict=True)])
+            yield (f'{head}{x!r},{y!r}]}},"properties":{{"objectType":"detection",'
+                   f'"classification":{cls_json[k]},"measurements":{{{measurements},'
+                   f'"cell_id":{i}}},"decision":"{"accepted" if ok else "review"}",'
+                   f'"reason":{reasons[reason]}}}}}')
+
+
+_CHUNK_CELLS = 16384  # cells rendered per chunk of cells.geojson (memory flat in cell count)
 
 
 def _cell_points(result: SlideResult) -> Iterator[tuple]:
