@@ -9,7 +9,7 @@ PY=${PY:-python3}
 LOG=${1:-/tmp/cellclf-gpu-logs}
 mkdir -p "$LOG"
 fails=0
-ONLY=" ${ONLY:-tests classify train e2e_small e2e_large tiling} "
+ONLY=" ${ONLY:-tests classify train e2e_small e2e_large infer_large tiling} "
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.log (if in $ONLY)
   local name=$1 limit=$2; shift 2
   [[ "$ONLY" == *" $name "* ]] || return 0
@@ -25,5 +25,8 @@ step classify 120 $PY scripts/bench/classify.py --n 8192
 step train 200 $PY scripts/bench/train.py --steps 150 --batch 1024 --workers 8 --size 8192
 step e2e_small 120 $PY scripts/bench/e2e.py --width 16000 --height 12000
 step e2e_large 420 $PY scripts/bench/e2e.py --width 100000 --height 80000 --compare-decode
+# the whole cellclf infer job (outputs + review store) beside run_slide on the same 8-GP slide
+step infer_large 400 $PY scripts/bench/infer.py --width 100000 --height 80000 --rounds 1 \
+    --runs run_slide:fp32,infer:fp32 --backend auto
 step tiling 600 $PY scripts/bench/tiling.py --workers "$(nproc)"
 echo "=== done, $fails failed"

@@ -8,6 +8,8 @@ only) and prints where the time goes.
 
     python scripts/bench/infer.py --width 20480 --height 20480 --rounds 3 --profile
     python scripts/bench/infer.py --width 100000 --height 80000 --rounds 1 --runs infer:fp32
+    python scripts/bench/infer.py --base-src /tmp/main-tree --runs base/infer:fp32,infer:fp32
+        # before/after in one run: base/KIND runs a `git archive` of another commit
     python scripts/bench/infer.py --child infer:fp32 --slide S.tif --out DIR   # one run (JSON)
 """
 
@@ -35,7 +37,7 @@ MODEL = REPO / "models" / "cellclf-synth-he-v1"
 RUNS = ("run_slide:fp32", "infer:fp32", "run_slide:int8", "infer:int8")
 
 
-def child(kind: str, slide: Path, out: Path, model: Path) -> dict:
+def child(kind: str, slide: Path, out: Path, model: Path, backend: str = "onnx") -> dict:
     """One run in this process: ``run_slide:PREC`` or ``infer:PREC``; seconds include loading the
     engine (run_batch loads it too). ``CELLCLF_BENCH_SRC``: the cellclf source tree to run (a
     baseline checkout, for before/after in one run); default this checkout."""
@@ -50,13 +52,13 @@ def child(kind: str, slide: Path, out: Path, model: Path) -> dict:
         if os.environ.get("CELLCLF_BENCH_PYSPY") else None
     t0, cpu0 = time.perf_counter(), _cpu_s()
     if what == "run_slide":
-        engine = load_engine(model, backend="onnx", precision=precision)
+        engine = load_engine(model, backend=backend, precision=precision)
         result = run_slide(slide, engine, engine.card, slide_id=slide.stem)
         cells, queued, timings = result.n_cells, int((~result.accept).sum()), result.timings_s
     else:
         from rich.console import Console
 
-        report = run_batch([str(slide)], model, out, backend="onnx", precision=precision,
+        report = run_batch([str(slide)], model, out, backend=backend, precision=precision,
                            console=Console(stderr=True, quiet=True))
         if report.exit_code:
             raise SystemExit(f"infer failed: see {out / 'manifest.csv'}")
@@ -91,7 +93,7 @@ def _start_py_spy(output: Path) -> subprocess.Popen:
 
 
 def run_child(kind: str, slide: Path, out: Path, model: Path, profile: Path | None = None,
-              base: Path | None = None) -> dict:
+              base: Path | None = None, backend: str = "onnx") -> dict:
     """``kind`` in a fresh process; a ``base/`` prefix runs the source tree ``base`` instead."""
     src = None
     if kind.startswith("base/"):
@@ -99,7 +101,7 @@ def run_child(kind: str, slide: Path, out: Path, model: Path, profile: Path | No
             raise SystemExit(f"{kind}: pass --base-src DIR (a checkout of the baseline commit)")
         kind, src = kind.removeprefix("base/"), str(base)
     cmd = [sys.executable, __file__, "--child", kind, "--slide", str(slide), "--out", str(out),
-           "--model", str(model)]
+           "--model", str(model), "--backend", backend]
     env = {**os.environ, **({"CELLCLF_BENCH_PYSPY": str(profile)} if profile else {}),
            **({"CELLCLF_BENCH_SRC": src, "PYTHONPATH": src} if src else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -178,6 +180,9 @@ def main() -> int:
                     help="comma list of " + ", ".join(RUNS) + " (base/KIND: the --base-src tree)")
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--work", type=Path, default=Path("/tmp/cellclf-bench-e2e"))
+    ap.add_argument("--backend", default="onnx",
+                    help="onnx (default: the CPU deployment) or auto (torch on CUDA on a GPU "
+                         "machine); int8 runs need onnx")
     ap.add_argument("--profile", action="store_true", help="one more infer:fp32 run under py-spy")
     ap.add_argument("--base-src", type=Path,
                     help="a baseline source tree (git archive of a commit): runs named base/KIND "
@@ -189,7 +194,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.slide, a.out, a.model)))
+        print(json.dumps(child(a.child, a.slide, a.out, a.model, a.backend)))
         return 0
 
     sys.path.insert(0, str(REPO))
@@ -210,7 +215,7 @@ def main() -> int:
     for r in range(a.rounds):
         for kind in kinds:
             res = run_child(kind, slide, a.work / f"out-{kind.replace(':', '-').replace('/', '-')}",
-                            a.model, base=a.base_src)
+                            a.model, base=a.base_src, backend=a.backend)
             res["load"] = os.getloadavg()[0]
             loads.append(res["load"])
             results[kind].append(res)
@@ -222,7 +227,8 @@ def main() -> int:
     prof_rows: list[str] = []
     if a.profile:
         raw = a.work / "infer-fp32.pyspy.txt"
-        res = run_child("infer:fp32", slide, a.work / "out-profiled", a.model, profile=raw)
+        res = run_child("infer:fp32", slide, a.work / "out-profiled", a.model, profile=raw,
+                        backend=a.backend)
         prof_rows, total = profile_table(raw)
         print(f"profiled infer:fp32 run: {res['seconds']:.2f} s, {total} active samples at 50/s")
         print("\n".join(prof_rows))
@@ -253,12 +259,13 @@ def main() -> int:
     if not a.no_record:
         gp = a.width * a.height / 1e9
         lines = [f"Synthetic slide {a.width}×{a.height} px at 0.25 µm/px ({gp:.2f} GP, "
-                 f"`cellclf synth` seed 77, d 0.3), model {a.model.name}, onnxruntime CPU; each "
+                 f"`cellclf synth` seed 77, d 0.3), model {a.model.name}, backend {a.backend}; each "
                  f"run a fresh process (seconds include loading the engine), {a.rounds} round(s), "
                  "runs interleaved. run_slide = the pipeline alone (no review callback, no files); "
                  "infer = `cellclf infer` (run_batch): outputs + SQLite review store. Command: "
                  f"`python scripts/bench/infer.py --width {a.width} --height {a.height} "
                  f"--rounds {a.rounds} --runs {','.join(kinds)}{' --profile' if a.profile else ''}"
+                 f"{'' if a.backend == 'onnx' else ' --backend ' + a.backend}"
                  "`." + (f" {a.note}" if a.note else "") + "\n", *table]
         if ratios:
             lines.append("\ninfer / run_slide, each round side by side: " + "; ".join(ratios))
