@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cellclf.commands._options import DEFAULT_MODEL, resolve_model
-from cellclf.errors import ConfigError
+from cellclf.errors import BundleError, ConfigError
 from cellclf.labelling.selection import SELECTION_METHODS
 from cellclf.model.config import Config, DataConfig, config_from_dict, load_config
 from cellclf.outputs.atomic import atomic_write_text
@@ -79,6 +79,13 @@ class ProjectConfig:
                               f"{self.selection!r}")
         if not 0 < self.alpha < 1 or not 0 < self.delta < 1:
             raise ConfigError(f"{where}: alpha and delta must be in (0, 1)")
+        if self.init:  # a missing bundle is refused at the start, not after a round's labels
+            try:
+                resolve_model(self.init)
+            except BundleError as exc:
+                raise ConfigError(f"{where}: init {self.init!r} is neither a bundle folder nor "
+                                  "a shipped model's name; pass --init with one, or --init none "
+                                  f"to train from scratch ({exc})") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

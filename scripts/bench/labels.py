@@ -170,7 +170,8 @@ def predict_linear(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def run_arm(name: str, classes: list[str], pool: tuple, test: tuple, budgets: list[int],
             active: bool, learner: str, seed: int, work: Path, method: str = "kmeans",
-            extra: np.ndarray | None = None) -> tuple[list[tuple[int, float, float]], Any]:
+            extra: np.ndarray | None = None,
+            overrides: tuple[str, ...] = ()) -> tuple[list[tuple[int, float, float]], Any]:
     """(labels, macro-F1 on the test set, seconds) per budget, and the last model's
     probabilities on ``extra`` crops (cnn; None otherwise)."""
     crops, truth, slide_index = pool
@@ -184,7 +185,7 @@ def run_arm(name: str, classes: list[str], pool: tuple, test: tuple, budgets: li
         x_pool, x_test = ((v - mu) / sd for v in xs)
     # what `cellclf label` trains: a default project (its init and schedule), this seed
     cfg = ProjectConfig(classes=classes, other_class="other", seed=seed, selection=method,
-                        train_overrides=[f"train.seed={seed}"])
+                        train_overrides=[f"train.seed={seed}", *overrides])
     rng = np.random.default_rng(seed)
     chosen = np.zeros(len(truth), bool)
     probs = extra_probs = None
@@ -277,6 +278,11 @@ def main() -> None:
     ap.add_argument("--pbc-per-class", type=int, default=150)
     ap.add_argument("--gate", action="store_true",
                     help="cnn: labels the gate needs to certify each class (seed 0's full model)")
+    ap.add_argument("--full-min-steps", type=int, default=0,
+                    help="cnn: train the full-pool reference for at least this many steps "
+                         "(default: the label loop's schedule, as every budget)")
+    ap.add_argument("--arms", nargs="*", default=["active", "random"],
+                    help="arms to run (none: only the full-pool reference)")
     ap.add_argument("--sets", nargs="+", default=["synth", "pbc"])
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the synthetic slides (kept; default: a temporary one)")
@@ -305,18 +311,27 @@ def main() -> None:
             for seed in range(args.seeds):
                 a = (name, classes, pool, test)
                 want_gate = args.gate and args.learner == "cnn" and seed == 0
+                longer = ((f"train.min_steps={args.full_min_steps}",)
+                          if args.full_min_steps else ())
                 full_rows, cal_probs = run_arm(*a, [len(pool[1])], False, args.learner, seed,
-                                               work, extra=cal[0] if want_gate else None)
+                                               work, extra=cal[0] if want_gate else None,
+                                               overrides=longer)
                 curves["full"].append(full_rows[0][1])
                 if want_gate:
                     gate_lines = gate_needs(cal_probs, cal[1], classes,
                                             ProjectConfig().holdout_fraction, seed)
                     print("\n".join(gate_lines), flush=True)
-                for arm in ("active", "random"):
+                for arm in args.arms:
                     curves[arm].append([r[1] for r in run_arm(
                         *a, args.budgets, arm == "active", args.learner, seed, work,
                         args.method)[0]])
             full = float(np.mean(curves["full"]))
+            if set(args.arms) != {"active", "random"}:
+                lines += [f"**{name}**: pool {len(pool[1])} cells, full-pool macro-F1 "
+                          + ", ".join(f"{v:.3f}" for v in curves["full"])
+                          + (f" (min_steps {args.full_min_steps})" if args.full_min_steps
+                             else "") + "\n", *gate_lines, ""]
+                continue
             act, rnd = (np.mean(curves[k], axis=0) for k in ("active", "random"))
             sd_a, sd_r = (np.std(curves[k], axis=0) for k in ("active", "random"))
             counts = np.bincount(pool[1], minlength=len(classes))
