@@ -232,38 +232,48 @@ def gate_needs(probs: np.ndarray, truth: np.ndarray, classes: list[str], holdout
                seed: int, step: int = 100, alpha: float = 0.01,
                delta: float = 0.05) -> list[str]:
     """Per class, the held-aside labels (random order, growing by ``step``) at which the gate
-    first certifies it, and the computed floor min_cells_zero_errors / share predicted as it."""
+    first certifies it — δ over the K error statements (no miss bound), and as ``cellclf
+    calibrate`` fits it (miss bound β on: δ over 2K − 1) — and the computed floor
+    min_cells_zero_errors(K) / share of cells predicted as the class."""
+    from cellclf.calibration.bundle_gate import DEFAULT_BETA
     from cellclf.gate.thresholds import fit_gate, min_cells_zero_errors
 
     order = np.random.default_rng(seed).permutation(len(truth))
     p, y = probs[order], truth[order]
-    first: dict[str, int | None] = dict.fromkeys(classes)
+    first: dict[tuple[str, float | None], int | None] = {
+        (c, beta): None for c in classes for beta in (None, DEFAULT_BETA)}
     for n in [*range(step, len(y), step), len(y)]:
-        g = fit_gate(p[:n], y[:n], classes, alpha, delta, other_class="other")
-        for c in classes:
-            if first[c] is None and g.thresholds[c] is not None:
-                first[c] = n
+        for beta in (None, DEFAULT_BETA):
+            g = fit_gate(p[:n], y[:n], classes, alpha, delta, beta=beta, other_class="other")
+            for c in classes:
+                if first[c, beta] is None and g.thresholds[c] is not None:
+                    first[c, beta] = n
     need = min_cells_zero_errors(alpha, delta, len(classes))
-    g = fit_gate(p, y, classes, alpha, delta, other_class="other")
+    need_b = min_cells_zero_errors(alpha, delta, 2 * len(classes) - 1)
     pred = p.argmax(axis=1)
-    lines = [f"Gate certification (α = {alpha}, δ = {delta} over {len(classes)} classes: "
-             f"≥ {need} zero-error cells predicted as the class) with the full-pool model on "
-             f"{len(y)} calibration cells disjoint from pool and test; the loop holds aside "
-             f"{holdout:.0%} of its labels, so total labels = held-aside / {holdout}.\n",
-             "| class | calibration cells (true) | predicted as it | precision | certified with "
-             "all? | held-aside labels when first certified | total loop labels then | "
-             "computed floor (held-aside, total) |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = [f"Gate certification with the full-pool model on {len(y)} calibration cells "
+             f"disjoint from pool and test, added 100 at a time in random order: α = {alpha}, "
+             f"δ = {delta} over the {len(classes)} error statements (≥ {need} zero-error cells "
+             f"predicted as the class), and as `cellclf calibrate` fits it (miss bound β = "
+             f"{DEFAULT_BETA} on, δ over {2 * len(classes) - 1} statements, ≥ {need_b}). The "
+             f"loop holds aside {holdout:.0%} of its labels: total labels = held-aside / "
+             f"{holdout}. Floor = {need} / share of cells predicted as the class (zero errors "
+             "assumed).\n",
+             "| class | calibration cells (true) | predicted as it | precision | held-aside labels "
+             "when first certified (δ/K) | same, with β (calibrate) | total loop labels (δ/K) "
+             "| floor: held-aside, total |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def shown(n: int | None, scale: float = 1.0) -> str:
+        return str(int(np.ceil(n / scale))) if n is not None else f"> {int(len(y) / scale)}"
+
     for q, c in enumerate(classes):
         n_pred = int((pred == q).sum())
         prec = float((y[pred == q] == q).mean()) if n_pred else float("nan")
-        floor = (np.ceil(need / (n_pred / len(y))) if n_pred else float("inf"))
-        at = first[c]
+        floor = np.ceil(need / (n_pred / len(y))) if n_pred else float("inf")
         lines.append(f"| {c} | {int((y == q).sum())} | {n_pred} | {prec:.3f} | "
-                     f"{'yes' if g.thresholds[c] is not None else 'no'} | "
-                     f"{at if at is not None else f'> {len(y)}'} | "
-                     f"{int(np.ceil(at / holdout)) if at is not None else f'> {int(len(y) / holdout)}'} | "
-                     f"{floor:.0f}, {floor / holdout:.0f} |")
+                     f"{shown(first[c, None])} | {shown(first[c, DEFAULT_BETA])} | "
+                     f"{shown(first[c, None], holdout)} | {floor:.0f}, {floor / holdout:.0f} |")
     return lines
 
 
