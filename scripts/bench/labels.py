@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--method", choices=list(SELECTION_METHODS), default="kmeans",
                     help="active selection's spreading step (cellclf label's default: kmeans)")
     ap.add_argument("--seeds", type=int, default=5, help="runs per point (seeds 0..N-1)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="start the seeds here (more seeds for an earlier run)")
     ap.add_argument("--synth-px", type=int, default=2048, help="side of each synthetic slide")
     ap.add_argument("--pbc-per-class", type=int, default=150)
     ap.add_argument("--gate", action="store_true",
@@ -318,9 +320,9 @@ def main() -> None:
                                                     10**6 if args.gate else 0)
             curves: dict[str, list] = {"full": [], "active": [], "random": []}
             gate_lines: list[str] = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 a = (name, classes, pool, test)
-                want_gate = args.gate and args.learner == "cnn" and seed == 0
+                want_gate = args.gate and args.learner == "cnn" and seed == args.first_seed
                 longer = ((f"train.min_steps={args.full_min_steps}",)
                           if args.full_min_steps else ())
                 full_rows, cal_probs = run_arm(*a, [len(pool[1])], False, args.learner, seed,
