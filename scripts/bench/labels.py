@@ -295,6 +295,8 @@ def main() -> None:
                          "(default: the label loop's schedule, as every budget)")
     ap.add_argument("--arms", nargs="*", default=["active", "random"],
                     help="arms to run (none: only the full-pool reference)")
+    ap.add_argument("--no-full", action="store_true",
+                    help="skip the full-pool reference (extra budgets for an earlier run)")
     ap.add_argument("--sets", nargs="+", default=["synth", "pbc"])
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the synthetic slides (kept; default: a temporary one)")
@@ -325,11 +327,12 @@ def main() -> None:
                 want_gate = args.gate and args.learner == "cnn" and seed == args.first_seed
                 longer = ((f"train.min_steps={args.full_min_steps}",)
                           if args.full_min_steps else ())
-                full_rows, cal_probs = run_arm(*a, [len(pool[1])], False, args.learner, seed,
-                                               work, extra=cal[0] if want_gate else None,
-                                               overrides=longer)
+                full_rows, cal_probs = (([(0, float("nan"), 0.0)], None) if args.no_full else
+                                        run_arm(*a, [len(pool[1])], False, args.learner, seed,
+                                                work, extra=cal[0] if want_gate else None,
+                                                overrides=longer))
                 curves["full"].append(full_rows[0][1])
-                if want_gate:
+                if want_gate and cal_probs is not None:
                     gate_lines = gate_needs(cal_probs, cal[1], classes,
                                             ProjectConfig().holdout_fraction, seed)
                     print("\n".join(gate_lines), flush=True)
