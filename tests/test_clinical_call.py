@@ -159,3 +159,20 @@ def test_review_resolves_needs_review():
     cant_tell = np.full(20, -1)  # labelled "can't tell": still pending for the call
     after = call_for_rule(rule, xy, pred, accept, CLASSES, zero, 0.5, 0.237, reviewed=cant_tell)
     assert after["status"] == "needs review"
+
+
+@pytest.mark.parametrize("accepted_share", [0.0, 0.6, 1.0])
+def test_call_and_hotspot_name_the_same_field(accepted_share):
+    rng = np.random.default_rng(3)
+    xy0 = np.concatenate([_cluster(rng, 40, np.array([900.0, 700.0]), 300.0),
+                          _cluster(rng, 40, np.array([3000.0, 2500.0]), 250.0),
+                          rng.uniform(0, 4000, (200, 2))])
+    pred = rng.integers(0, len(CLASSES), len(xy0))
+    pred[:80] = 0
+    accept = rng.random(len(xy0)) < accepted_share
+    call = call_for_rule(Rule("EoE", "eosinophil", 15), xy0, pred, accept, CLASSES, ALPHAS,
+                         mpp=0.5, hpf_area_mm2=0.237)
+    hot = peak_hpf(xy0[pred == 0], 0.5, 0.237)
+    assert (call["hpf"]["x"], call["hpf"]["y"]) == (hot.x, hot.y)
+    assert call["point_estimate"] == hot.count
+    assert call["interval"][0] <= hot.count <= call["interval"][1]

@@ -169,18 +169,20 @@ def _random_tiles(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def test_torch_matches_numpy_on_cpu() -> None:
+@pytest.mark.parametrize("hem_cap", [0.8, 1.4])  # the default and a dark slide's nuclear level
+def test_torch_matches_numpy_on_cpu(hem_cap: float) -> None:
     pytest.importorskip("torch")
     from scipy.spatial import cKDTree
 
     from cellclf.detect.classical_torch import TorchDetector
 
+    params = DetectParams(hem_cap=hem_cap)
     tiles = _random_tiles(4, 0)
     tiles.append(tiles[0][:150, :201])  # a different size in the same batch
-    got = TorchDetector(device="cpu").detect(tiles, MPP)
+    got = TorchDetector(params, device="cpu").detect(tiles, MPP)
     n_total = n_close = 0
     for tile, t_xy in zip(tiles, got, strict=True):
-        n_xy = detect_cells(tile, MPP)
+        n_xy = detect_cells(tile, MPP, params)
         assert abs(len(n_xy) - len(t_xy)) <= max(1, len(n_xy) // 100)
         d, _ = cKDTree(t_xy).query(n_xy)
         n_total += len(n_xy)

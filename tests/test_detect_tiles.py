@@ -112,3 +112,4 @@ def test_real_colon_tiles_through_cli(tmp_path: Path) -> None:
     assert met["n_tiles"] == 10 and sum(met["n_truth"].values()) > 2000
     assert {"epithelial", "fibroblast", "inflammatory"} <= set(met["recall"])
     assert met["f1"] > 0.65 and met["duplicate_rate"] < 0.03
+    assert 0.8 <= met["hem_cap"] <= 2.0  # the set's own nuclear H level

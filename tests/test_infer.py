@@ -63,6 +63,7 @@ def test_outputs_and_manifest(batch_out, tiny_slide):
     assert summary["tissue_area_mm2"] > 0 and "total" in summary["timings_s"]
     stain = summary["extra"]["stain"]  # the slide's own stain estimate (cellclf.detect.stain)
     assert len(stain["haematoxylin"]) == len(stain["glass"]) == 3 and stain["source"]
+    assert 0.8 <= summary["extra"]["detect_hem_cap"] <= 2.0  # the slide's nuclear H level
     geo = json.loads((d / "cells.geojson").read_text())
     assert len(geo["features"]) == n
     f0 = geo["features"][0]

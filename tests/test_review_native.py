@@ -19,10 +19,11 @@ from cellclf.pipeline.host_stage import review_items
 from cellclf.pipeline.stage import REVIEW_CONTEXT_PX
 from cellclf.review.app import ServerThread, create_app
 from cellclf.review.auth import add_user
-from cellclf.review.native_view import native_box, native_side_px
+from cellclf.review.native_view import NativeViews, native_box, native_side_px
 from cellclf.review.store import ReviewItem, ReviewStore, ReviewStoreError
 from cellclf.wsi.crops import cut_crops
 from cellclf.wsi.slide import Slide
+from tests._cli import cli
 
 CLASSES = ["eosinophil", "neutrophil", "mast_cell", "other"]
 WORK_MPP, CROP_PX = 0.5, 64
@@ -144,3 +145,30 @@ def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_sli
             unreadable = c.get(f"/api/items/{junk_id}").json()["item"]
             assert unreadable["native_mpp"] is None and unreadable["image_mpp"] == WORK_MPP
         assert c.get(f"/api/items/{junk_id}/crop/native.jpg").status_code == 404
+
+
+def test_a_moved_slide_is_found_by_name_in_the_slide_dirs(tiny_slide, tmp_path, capsys):
+    slide_path = tmp_path / "scanned" / "case-7.tif"
+    slide_path.parent.mkdir()
+    shutil.copy(tiny_slide[0], slide_path)
+    xy0, crops, ctx, slide_mpp = gated_cells(slide_path, n_max=2)
+    n = len(xy0)
+    items = review_items("case-7", str(slide_path), np.arange(n), xy0,
+                         np.tile([[0.4, 0.3, 0.2, 0.1]], (n, 1)), np.array(["low_confidence"] * n),
+                         np.ones((n, 4), bool), crops, ctx, CLASSES, np.linspace(1, 0, n),
+                         image_mpp=WORK_MPP, slide_mpp=slide_mpp)
+    st = ReviewStore(str(tmp_path / "review.sqlite"))
+    st.add_items(items)
+    mounted = tmp_path / "mnt" / "slides"  # the reviewer's machine mounts them elsewhere
+    mounted.mkdir(parents=True)
+    slide_path.rename(mounted / "case-7.tif")
+    item = st.queue("case-7")[0]
+    assert NativeViews().native_mpp(item) is None
+    views = NativeViews(slide_dirs=(tmp_path / "empty", mounted))
+    assert views.locate(item.slide_path) == mounted / "case-7.tif"
+    assert views.native_mpp(item) == slide_mpp
+    assert views.view_jpeg(item, st.image(item.id, "crop"))[:3] == b"\xff\xd8\xff"
+    views.close()
+    code, text = cli(capsys, "review", "serve", "--db", tmp_path / "review.sqlite",
+                     "--slide-dir", tmp_path / "nowhere")
+    assert code == 2 and "--slide-dir" in text and "nowhere" in text

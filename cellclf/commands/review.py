@@ -76,15 +76,25 @@ def serve(
                                    help="Hide the model's answer for every cell until the "
                                         "reviewer has answered (default: audit cells and a random "
                                         "share of the others)."),
+    slide_dir: list[str] = typer.Option(
+        [], "--slide-dir", help="Folder holding the slides when they are no longer at the path "
+        "`cellclf infer` recorded (found by file name; repeatable). Without the slide file the "
+        "stored views are shown."),
 ) -> None:
+    from pathlib import Path
+
     from cellclf.review.app import serve as _serve
 
     require_store(db)
     if not lease_s > 0:
         raise OptionError(f"--lease-s must be more than 0 seconds, got {lease_s}")
-
+    missing = [d for d in slide_dir if not Path(d).is_dir()]
+    if missing:
+        raise OptionError(f"--slide-dir {missing[0]}: no such folder (give the folder that holds "
+                          "the slide files)")
     _serve(db, host=host, port=port, secure_cookies=secure_cookies, lease_s=lease_s,
-           proxy_headers=proxy_headers, blind_all=blind_all)
+           proxy_headers=proxy_headers, blind_all=blind_all,
+           slide_dirs=tuple(Path(d) for d in slide_dir))
 
 
 @review_app.command("export", help="Write reviewed labels as QuPath GeoJSON, one file per slide "

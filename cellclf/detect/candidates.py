@@ -88,7 +88,8 @@ def detect_tiles_to_csv(
         return None
     metrics = score_tile_set(tiles, found, match_um)
     metrics.update(tiles=str(folder), candidates=str(out), truth=str(truth), where=where or {},
-                   detector=detector, stain=getattr(detect, "stain_record", None))
+                   detector=detector, stain=getattr(detect, "stain_record", None),
+                   hem_cap=getattr(detect, "hem_cap", None))
     mj = Path(metrics_json) if metrics_json else out.with_name(out.stem + ".metrics.json")
     atomic_write_json(mj, metrics)
     metrics["metrics_json"] = str(mj)

@@ -11,7 +11,8 @@ The maths (numpy/scipy; ``detect_torch.py`` repeats it in torch for the GPU):
 2. optical density ``OD = -log(I / glass)`` and Ruifrok–Johnston colour deconvolution into
    haematoxylin ``h`` and eosin ``e`` amounts;
 3. two maps: nuclear material ``min(h, hem_cap) / hem_cap`` (saturated, so a pale lobe counts as
-   much as a dark lymphocyte nucleus) and granular cytoplasm
+   much as a dark lymphocyte nucleus; slide flows set ``hem_cap`` to the slide's own nuclear H
+   level, :func:`cellclf.detect.stain.level_params`) and granular cytoplasm
    ``clip(e - body_eosin, 0, body_eosin_cap) / body_eosin_cap`` (the eosin-dense granules that
    fill an eosinophil);
 4. "cellness" = nuclear map smoothed at ``sigma_um`` − ``surround_weight`` × nuclear map smoothed

@@ -10,6 +10,7 @@ import numpy as np
 
 from cellclf.detect.classical import DetectParams, detect_cells, detect_halo_um
 from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
+from cellclf.detect.stain import SAMPLE_TILES, level_params, sample_pixels
 from cellclf.wsi.slide import Slide
 from cellclf.wsi.tile_reader import TileReader
 from cellclf.wsi.tiling import tile_grid
@@ -49,11 +50,12 @@ def detect_slide(
     when available, numpy otherwise), "numpy", or "torch" (CUDA if present, else CPU).
     ``detector``: "classical" (default for the classifier's flows: the shipped gate was
     calibrated on its candidates) or "learned" (a detector bundle, default the shipped
-    ``models/cellclf-detector-v1``; "numpy" backend = onnxruntime).
+    ``models/cellclf-detector-v1``; "numpy" backend = onnxruntime). ``params=None``: the classical
+    detector at the slide's own nuclear H level (:func:`slide_params`, from ``SAMPLE_TILES``
+    tissue tiles of ``tile_um``); given ``params`` are used as they are.
     """
     if detector not in ("classical", "learned"):
         raise ValueError(f"detector must be 'classical' or 'learned', got {detector!r}")
-    params = params or DetectParams()
     backend = _resolve_backend(backend)
     path = Path(path)
     with Slide(path, mpp=mpp) as slide:
@@ -61,33 +63,43 @@ def detect_slide(
         tissue = require_tissue(slide_tissue_mask(slide), path)
     halo_um = detect_halo_um(params) if detector == "classical" else LEARNED_HALO_UM
     tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, halo_um, tissue)
+    found: list[np.ndarray] = []
+    with TileReader(path, work_mpp, mpp=mpp, workers=workers) as reader:
+        if detector == "classical" and params is None:  # the slide's own nuclear H level
+            params = slide_params(reader.tissue_sample(tissue, tile_um, SAMPLE_TILES))
+        detect_batch, batch_tiles = _batch_detector(detector, backend, params, detector_bundle,
+                                                    batch_tiles)
+        with _progress(progress, len(tiles), path.name) as advance:
+            batch: list = []
+            for k, item in enumerate(reader.iter_tiles(tiles)):
+                batch.append(item)
+                if len(batch) < batch_tiles and k + 1 < len(tiles):
+                    continue
+                for (tile, _), xy in zip(batch, detect_batch([b[1] for b in batch], work_mpp),
+                                         strict=True):
+                    found.append(tile.owned_cells(xy)[1])
+                advance(len(batch))
+                batch = []
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.float64)
+
+
+def slide_params(sample: list[np.ndarray]) -> DetectParams:
+    """The default classical detector's parameters for one slide, from its tissue sample
+    (:meth:`~cellclf.wsi.tile_reader.TileReader.tissue_sample`): its nuclear H level as
+    ``hem_cap`` (:func:`~cellclf.detect.stain.level_params`)."""
+    return level_params(DetectParams(), sample_pixels(sample))
+
+
+def _batch_detector(detector: str, backend: str, params: DetectParams | None,
+                    bundle: str | os.PathLike[str] | None, batch_tiles: int):
+    """``(detect_batch(rgbs, mpp) -> centres per tile, tiles per batch)`` for ``detector``."""
     if detector == "learned":
-        detect_batch = _learned_batch(backend, detector_bundle)
-        batch_tiles = batch_tiles if backend == "torch" else 1
-    elif backend == "torch":
+        return _learned_batch(backend, bundle), (batch_tiles if backend == "torch" else 1)
+    if backend == "torch":
         from cellclf.detect.classical_torch import TorchDetector
 
-        detect_batch = TorchDetector(params).detect
-    else:
-        batch_tiles = 1
-
-        def detect_batch(rgbs: list[np.ndarray], m: float) -> list[np.ndarray]:
-            return [detect_cells(rgb, m, params) for rgb in rgbs]
-
-    found: list[np.ndarray] = []
-    with TileReader(path, work_mpp, mpp=mpp, workers=workers) as reader, \
-            _progress(progress, len(tiles), path.name) as advance:
-        batch: list = []
-        for k, item in enumerate(reader.iter_tiles(tiles)):
-            batch.append(item)
-            if len(batch) < batch_tiles and k + 1 < len(tiles):
-                continue
-            for (tile, _), xy in zip(batch, detect_batch([b[1] for b in batch], work_mpp),
-                                     strict=True):
-                found.append(tile.owned_cells(xy)[1])
-            advance(len(batch))
-            batch = []
-    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.float64)
+        return TorchDetector(params).detect, batch_tiles
+    return (lambda rgbs, m: [detect_cells(rgb, m, params) for rgb in rgbs]), 1
 
 
 LEARNED_HALO_UM = 30.0  # the heat-map network sees ±18 µm; peaks and resampling a little more

@@ -223,7 +223,7 @@ PLAIN_REASONS = {
                   "the haematoxylin (nuclear) staining is weaker"),
     "od_e_mean": ("the eosin staining is stronger", "the eosin staining is weaker"),
     "od_residual_mean": ("the colours fit H&E less well (another stain, or scanner colour profile)",
-                         "the colours fit H&E unusually well"),
+                         "the colours fit H&E more closely (a cleaner or simpler stain?)"),
     "od_p99": ("the darkest areas are darker (thick section, folds or pigment?)",
                "the darkest areas are paler (faded or thin section?)"),
     "focus": ("the image is sharper (or noisier)", "the image is blurrier (out of focus?)"),

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ from cellclf.model.network import CellClassifier, init_from_bundle, predict_logi
 from cellclf.versions import TRAINING_PACKAGES, software_versions
 
 log = logging.getLogger(__name__)
+# Lightning's advice for its own cloud logger and its notes on options we set on purpose are noise
+# to a user of `cellclf train`; its warnings still show.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
 class CropDataset(Dataset):

@@ -117,20 +117,26 @@ def call_for_rule(rule: Rule, xy0: np.ndarray, pred: np.ndarray, accept: np.ndar
     k_c = field_counts(centres, xy0[known_c], radius_px)
     a_c = field_counts(centres, xy0[acc_c], radius_px)
     p_all = field_counts(centres, xy0[pending], radius_px)
-    p_c = field_counts(centres, xy0[pending & (pred == k)], radius_px)
     o = field_counts(centres, xy0[acc_other], radius_px)
     alpha_o = max((a for c, a in alphas.items() if c != rule.cls), default=0.0)
     low_f = a_c - _binom_allowance(a_c, alphas[rule.cls], confidence) + k_c
     high_f = a_c + k_c + p_all + _binom_allowance(o, alpha_o, confidence)
+    # the field shown and its point estimate: the peak of the cells counted as the class, found
+    # exactly as the report's hotspot (outputs.hpf.peak_hpf), so both name the same field
+    counted = xy0[acc_c | known_c | (pending & (pred == k))]
+    fields = field_centres(counted, radius_px)
+    estimate = field_counts(fields, counted, radius_px)
     if len(centres) == 0:
         low = high = 0
+    else:
+        low, high = int(low_f.max()), int(high_f.max())
+    if len(fields) == 0:
         hpf = {"x": None, "y": None}
         n_pending = 0
     else:
-        best = int(np.lexsort((-high_f, -(a_c + k_c + p_c)))[0])
-        low, high = int(low_f.max()), int(high_f.max())
-        hpf = {"x": float(centres[best, 0]), "y": float(centres[best, 1])}
-        n_pending = int(p_all[best])
+        best = int(np.argmax(estimate))
+        hpf = {"x": float(fields[best, 0]), "y": float(fields[best, 1])}
+        n_pending = int(field_counts(fields[best:best + 1], xy0[pending], radius_px)[0])
     thr = rule.threshold
     if low >= thr:
         status = "met"
@@ -147,7 +153,7 @@ def call_for_rule(rule: Rule, xy0: np.ndarray, pred: np.ndarray, accept: np.ndar
                   "bounds) could change the call; finish the review queue")
     return {"rule": rule.text, "name": rule.name, "class": rule.cls, "threshold": thr,
             "status": status, "interval": [low, high], "hpf": hpf, "reason": reason,
-            "point_estimate": int((a_c + k_c + p_c).max()) if len(centres) else 0,
+            "point_estimate": int(estimate.max()) if len(fields) else 0,
             "source": rule.source}
 
 

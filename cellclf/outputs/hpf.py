@@ -47,16 +47,8 @@ def peak_hpf(xy0: np.ndarray, mpp: float, area_mm2: float = DEFAULT_HPF_AREA_MM2
     pts = np.asarray(xy0, dtype=np.float64).reshape(-1, 2)
     if len(pts) == 0:
         return PeakHPF(0, 0.0, 0.0, radius_px, area_mm2)
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(pts)
-    step = max(radius_px * grid_step_fraction, 1.0)
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    gx = np.arange(lo[0], hi[0] + step, step)
-    gy = np.arange(lo[1], hi[1] + step, step)
-    grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)
-    centres = np.concatenate([pts, grid])
-    counts = tree.query_ball_point(centres, r=radius_px, return_length=True)
+    centres = field_centres(pts, radius_px, grid_step_fraction)
+    counts = field_counts(centres, pts, radius_px)
     best = int(np.argmax(counts))
     return PeakHPF(int(counts[best]), float(centres[best, 0]), float(centres[best, 1]), radius_px,
                    area_mm2)

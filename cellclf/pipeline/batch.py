@@ -35,7 +35,7 @@ from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, proce
 from cellclf.versions import software_versions
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                  ".svslide", ".dcm"}
+                  ".svslide", ".dcm", ".png", ".jpg", ".jpeg"}  # plain images need --mpp
 
 
 def expand_slides(args: list[str]) -> list[Path]:

@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cellclf.card import Card
-from cellclf.detect.classical import detect_halo_um
+from cellclf.detect.classical import DetectParams, detect_cells, detect_halo_um
+from cellclf.detect.slide_detection import slide_params
 from cellclf.detect.stain import sample_stain
 from cellclf.errors import ConfigError, ModelMismatchError
 from cellclf.gate.audit_bound import (
@@ -84,10 +86,12 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         sample = reader.tissue_sample(tissue, params.tile_um, params.ood_sample_tiles)
         ood = ood_check(reader, sample, card)
         stain = sample_stain(sample)  # recorded in summary.json
+        detect_params = slide_params(sample)  # the slide's nuclear H level, as detect_slide's
         clock.lap("ood_check")
         gate = SlideGate(card, ood_slide=ood["flagged"])
         cells = _Cells(len(gate.classes))
-        with _stage(engine, reader, crop_px, params, on_review is not None) as stage, \
+        with _stage(engine, reader, crop_px, params, on_review is not None,
+                    detect_params) as stage, \
                 _review_writer(on_review, reader.workers) as review:
             for batch in stage.run(tiles):
                 if len(batch):
@@ -110,7 +114,8 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
         height=reader.height, vendor=reader.vendor, classes=gate.classes, **cells.arrays(),
         tissue_area_mm2=tissue.area_mm2(reader.mpp), thumbnail=thumb, thumb_downsample=thumb_ds,
         ood=ood, timings_s=timings,
-        extra={"n_tiles": len(tiles), **stage.info, "stain": stain.to_dict()},
+        extra={"n_tiles": len(tiles), **stage.info, "stain": stain.to_dict(),
+               "detect_hem_cap": detect_params.hem_cap},
         other_class=card.other_class,
         audit_rate=params.audit_rate if on_review is not None else 0.0)
 
@@ -230,16 +235,17 @@ def use_device_stage(engine: Engine, stage: str) -> bool:
 
 
 def _stage(engine: Engine, reader: TileReader, crop_px: int, params: RunParams,
-           with_review: bool) -> Stage:
+           with_review: bool, detect_params: DetectParams) -> Stage:
     if use_device_stage(engine, params.stage):
         from cellclf.pipeline.device_stage import DeviceStage  # torch: imported only when used
 
         cores = params.workers or default_workers()
         return DeviceStage(engine, reader.work_mpp, crop_px, reader=reader,
                            device_decode=params.device_decode, io_workers=cores,
-                           tiles_per_batch=params.tiles_per_batch, merge_workers=max(2, cores // 2))
+                           tiles_per_batch=params.tiles_per_batch, merge_workers=max(2, cores // 2),
+                           params=detect_params)
     return HostStage(engine, reader, crop_px, batch_cells=params.batch, workers=params.workers,
-                     with_context=with_review)
+                     with_context=with_review, detect=partial(detect_cells, params=detect_params))
 
 
 def _review_writer(on_review: Callable[[list[ReviewItem]], None] | None,

@@ -94,7 +94,8 @@ def _safe_next(path: str | None) -> str:
 
 
 def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
-               lease_s: float = 300, blind_all: bool = False) -> FastAPI:
+               lease_s: float = 300, blind_all: bool = False,
+               slide_dirs: tuple[Path, ...] = ()) -> FastAPI:
     """The ASGI app over ``store`` (a store or its URL).
 
     ``blind_all``: hide the model's answer for every cell until the reviewer has answered (by
@@ -108,7 +109,7 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
     templates = Jinja2Templates(env=env)
     app = FastAPI(title="cellclf review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = st
-    natives = app.state.native_views = NativeViews()
+    natives = app.state.native_views = NativeViews(slide_dirs=slide_dirs)
 
     def as_json(item: Item | None) -> dict[str, Any] | None:
         return item_json(item, blind_all, None if item is None else natives.native_mpp(item))
@@ -310,12 +311,14 @@ def create_app(store: ReviewStore | str, secure_cookies: bool | None = None,
 
 
 def serve(db: str, host: str = "127.0.0.1", port: int = 8000, secure_cookies: bool | None = None,
-          lease_s: float = 300, proxy_headers: bool = False, blind_all: bool = False) -> None:
+          lease_s: float = 300, proxy_headers: bool = False, blind_all: bool = False,
+          slide_dirs: tuple[Path, ...] = ()) -> None:
     """Run the review app with uvicorn until interrupted (``cellclf review serve``)."""
     import uvicorn
 
     store = ReviewStore(db)
-    app = create_app(store, secure_cookies=secure_cookies, lease_s=lease_s, blind_all=blind_all)
+    app = create_app(store, secure_cookies=secure_cookies, lease_s=lease_s, blind_all=blind_all,
+                     slide_dirs=slide_dirs)
     uvicorn.run(app, host=host, port=port, proxy_headers=proxy_headers, log_level="info",
                 forwarded_allow_ips="127.0.0.1" if proxy_headers else None)
 

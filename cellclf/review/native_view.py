@@ -49,10 +49,14 @@ def native_box(x: float, y: float, side_px: int) -> tuple[int, int]:
 
 
 class NativeViews:
-    """Open slides by stored path (at most ``OPEN_SLIDES`` kept) and cut native views."""
+    """Open slides by stored path, or by name in ``slide_dirs`` (at most ``OPEN_SLIDES`` kept), and
+    cut native views."""
 
-    def __init__(self, max_open: int = OPEN_SLIDES) -> None:
+    def __init__(self, max_open: int = OPEN_SLIDES, slide_dirs: tuple[Path, ...] = ()) -> None:
+        """``slide_dirs``: folders to look in, by file name, when a slide is no longer at the
+        path inference recorded (moved, or this machine mounts the slides elsewhere)."""
         self.max_open = max_open
+        self.slide_dirs = tuple(Path(d) for d in slide_dirs)
         self._open: OrderedDict[tuple[str, float, float], Slide] = OrderedDict()  # path, mtime, mpp
         self._unreadable: set[tuple[str, float, float]] = set()  # not retried until it changes
         self._lock = threading.Lock()
@@ -63,7 +67,9 @@ class NativeViews:
         here."""
         if not item.slide_path or item.image_mpp is None:
             return None
-        path = Path(item.slide_path)
+        path = self.locate(item.slide_path)
+        if path is None:
+            return None
         try:
             stat = path.stat()
         except OSError:
@@ -85,6 +91,15 @@ class NativeViews:
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
             return slide
+
+    def locate(self, recorded: str) -> Path | None:
+        """The recorded slide path when it is a file here, else the first ``slide_dirs`` entry
+        holding a file of the same name; None when neither exists."""
+        path = Path(recorded)
+        for candidate in (path, *(d / path.name for d in self.slide_dirs)):
+            if candidate.is_file():
+                return candidate
+        return None
 
     def native_mpp(self, item: Item) -> float | None:
         """The µm/px of the item's native views; None when the slide is not reachable."""

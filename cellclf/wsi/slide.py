@@ -176,8 +176,48 @@ def diagnose_unreadable(path: Path) -> str:
             "--compression jpeg`)")
 
 
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PLAIN_IMAGE_MAX_PX = 400_000_000  # a plain image is decoded whole; beyond this, convert it
+
+
+def open_plain_image(path: Path):
+    """An ``openslide.ImageSlide`` for a plain image (a PNG/JPEG tile, a strip TIFF) that
+    OpenSlide's slide formats do not cover; None when it is not such an image. The image is one
+    level, decoded whole here (so its damage shows now), with no pixel size: ``--mpp`` is needed."""
+    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+        return None
+    import openslide
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, PLAIN_IMAGE_MAX_PX)
+    try:
+        im = Image.open(path)
+        w, h = im.size
+        if w * h > PLAIN_IMAGE_MAX_PX:
+            raise SlideOpenError(
+                f"{path}: a plain {w}×{h} image is too large to decode whole ({w * h / 1e6:.0f} "
+                f"MP; limit {PLAIN_IMAGE_MAX_PX / 1e6:.0f} MP); convert it to a tiled pyramidal "
+                "TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid --compression jpeg`)")
+        im.load()
+    except SlideOpenError:
+        raise
+    except Exception as exc:  # not an image Pillow decodes, or a damaged one
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return None  # diagnose_unreadable says what is wrong with the TIFF
+        raise SlideOpenError(f"{path}: cannot open image: truncated, corrupt or not an image "
+                             f"({exc})") from exc
+    if im.mode not in ("RGB", "RGBA", "L", "P", "LA"):
+        raise SlideOpenError(f"{path}: image mode {im.mode} (e.g. 16-bit or multi-channel) is not "
+                             "an 8-bit RGB picture; save it as 8-bit RGB (PNG/JPEG/TIFF)")
+    return openslide.ImageSlide(im if im.mode in ("RGB", "RGBA") else im.convert("RGBA"))
+
+
 class Slide:
-    """One open whole-slide image; level-0 coordinates everywhere. Use as a context manager."""
+    """One open whole-slide image; level-0 coordinates everywhere. Use as a context manager.
+
+    Plain images (PNG/JPEG tiles, strip TIFFs) open as a one-level slide through
+    ``openslide.ImageSlide``; they carry no pixel size, so ``mpp`` must be given.
+    """
 
     def __init__(self, path: str | Path, mpp: float | None = None, cache: object = None) -> None:
         """``cache``: an ``openslide.OpenSlideCache`` to share decoded tiles between handles."""
@@ -189,8 +229,10 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideOpenError(f"{self.path}: cannot open slide: "
-                                 f"{diagnose_unreadable(self.path)}") from exc
+            self._osr = open_plain_image(self.path)
+            if self._osr is None:
+                raise SlideOpenError(f"{self.path}: cannot open slide: "
+                                     f"{diagnose_unreadable(self.path)}") from exc
         except openslide.OpenSlideError as exc:
             raise SlideOpenError(f"{self.path}: cannot open slide: truncated or corrupt "
                                  f"({exc})") from exc

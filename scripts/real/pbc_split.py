@@ -21,13 +21,14 @@ FRACTIONS = {"train": 0.3, "cal": 0.5, "test": 0.2}
 EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
-def split(pbc: Path, out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {s: {} for s in FRACTIONS}
+def split(pbc: Path, out: Path, seed: int = 0,
+          fractions: dict[str, float] = FRACTIONS) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {s: {} for s in fractions}
     for k, cls_dir in enumerate(sorted(p for p in pbc.iterdir() if p.is_dir())):
         files = sorted(f for f in cls_dir.iterdir() if f.suffix.lower() in EXTS)
         order = np.random.default_rng(seed + k).permutation(len(files))
-        n_train = round(FRACTIONS["train"] * len(files))
-        n_cal = round(FRACTIONS["cal"] * len(files))
+        n_train = round(fractions["train"] * len(files))
+        n_cal = round(fractions["cal"] * len(files))
         parts = {"train": order[:n_train], "cal": order[n_train:n_train + n_cal],
                  "test": order[n_train + n_cal:]}
         for name, idx in parts.items():
@@ -38,7 +39,7 @@ def split(pbc: Path, out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
                 if not link.exists():
                     link.symlink_to(files[i].resolve())
             counts[name][cls_dir.name] = len(idx)
-    (out / "split.json").write_text(json.dumps({"seed": seed, "fractions": FRACTIONS,
+    (out / "split.json").write_text(json.dumps({"seed": seed, "fractions": fractions,
                                                 "counts": counts}, indent=1))
     return counts
 
@@ -48,8 +49,14 @@ def main() -> None:
     ap.add_argument("pbc", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fractions", default="0.3,0.5,0.2",
+                    help="train,cal,test shares per source class (default 0.3,0.5,0.2)")
     args = ap.parse_args()
-    for name, c in split(args.pbc, args.out, args.seed).items():
+    shares = [float(v) for v in args.fractions.split(",")]
+    if len(shares) != 3 or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6:
+        ap.error(f"--fractions needs three positive shares summing to 1, got {args.fractions!r}")
+    fractions = dict(zip(FRACTIONS, shares, strict=True))
+    for name, c in split(args.pbc, args.out, args.seed, fractions).items():
         print(f"{name}: {sum(c.values())} images  " + ", ".join(f"{k} {v}" for k, v in c.items()))
 
 
