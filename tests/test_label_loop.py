@@ -60,7 +60,7 @@ def lab_slides(tmp_path_factory) -> tuple[list[Path], dict[str, Path]]:
     from cellclf.synth import render_slide
 
     d = tmp_path_factory.mktemp("lab")
-    pairs = [render_slide(d, 1536, 1536, mpp=0.25, seed=s, difficulty=0.3, fmt="tiff",
+    pairs = [render_slide(d, 2048, 2048, mpp=0.25, seed=s, difficulty=0.3, fmt="tiff",
                           name=f"lab{s}", workers=2) for s in (21, 22)]
     return [p[0] for p in pairs], {p[0].stem: p[1] for p in pairs}
 
