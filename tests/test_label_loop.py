@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import cli as run_cli
 from scipy.spatial import cKDTree
 
 from cellclf.annotations.geojson import read_points
@@ -158,3 +159,10 @@ def test_round_training_config(tmp_path):
     assert cfg.training_config().train.epochs == 2  # the YAML, not the label loop's schedule
     with pytest.raises(ConfigError, match="--init none"):
         ProjectConfig(init=str(tmp_path / "no-such-bundle")).check("project.yaml")
+
+
+def test_label_refuses_a_missing_init(capsys, tmp_path):
+    code, text = run_cli(capsys, "label", tmp_path / "slide.svs", "--out", tmp_path / "p",
+                         "--init", tmp_path / "no-bundle")
+    assert code == 2 and "--init none" in text and "no-bundle" in text
+    assert not (tmp_path / "p").exists()  # refused before any detection
