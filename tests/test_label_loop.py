@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import cli as run_cli
 from scipy.spatial import cKDTree
 
 from cellclf.annotations.geojson import read_points
-from cellclf.labelling.project import Project
+from cellclf.commands._options import resolve_model
+from cellclf.errors import ConfigError
+from cellclf.labelling.project import Project, ProjectConfig
 from cellclf.labelling.rounds import read_labels
 from cellclf.review.store import NOT_A_CELL, ReviewStore
 
@@ -58,7 +61,7 @@ def lab_slides(tmp_path_factory) -> tuple[list[Path], dict[str, Path]]:
     from cellclf.synth import render_slide
 
     d = tmp_path_factory.mktemp("lab")
-    pairs = [render_slide(d, 1536, 1536, mpp=0.25, seed=s, difficulty=0.3, fmt="tiff",
+    pairs = [render_slide(d, 2048, 2048, mpp=0.25, seed=s, difficulty=0.3, fmt="tiff",
                           name=f"lab{s}", workers=2) for s in (21, 22)]
     return [p[0] for p in pairs], {p[0].stem: p[1] for p in pairs}
 
@@ -119,10 +122,12 @@ def test_label_rounds_to_a_calibrated_bundle(lab_slides, tmp_path):
     out = cli("label", "--calibrate", str(proj)).stdout
     assert "calibrated" in out
     card = json.loads((p.round_dir(2) / "bundle" / "card.json").read_text())
-    # round 2 fine-tuned round 1's bundle; round 1 started from scratch
+    # round 2 fine-tuned round 1's bundle; round 1 the shipped model (the project's init)
     assert card["training"]["config"]["train"]["init"] == str(p.round_dir(1) / "bundle")
     first = json.loads((p.round_dir(1) / "bundle" / "card.json").read_text())
-    assert first["training"]["config"]["train"]["init"] == ""
+    assert first["training"]["config"]["train"]["init"] == str(resolve_model(cfg.init))
+    assert first["training"]["init"]["name"] == "cellclf-synth-he-v1"
+    assert first["architecture"]["backbone"] == "regnet_y_400mf"
     assert card["gate"]["classes"] == cfg.classes
     assert card["calibration"]["n_cells"] == int(labels.held_aside.sum())
     assert "temperature" in card and card["ood"]
@@ -131,3 +136,33 @@ def test_label_rounds_to_a_calibrated_bundle(lab_slides, tmp_path):
         str(tmp_path / "infer"), "--backend", "torch", "--workers", "2")
     summary = json.loads((tmp_path / "infer" / "lab21" / "summary.json").read_text())
     assert summary["n_cells"] > 50
+
+
+def test_round_training_config(tmp_path):
+    """A default project fine-tunes the shipped model for the label loop's short schedule with no
+    validation split; the previous round's bundle wins over init; "" trains from scratch; a
+    project's own YAML is used as written; a missing init is refused at the start."""
+    cfg = ProjectConfig(classes=["a", "b", "rest"], other_class="rest")
+    tc = cfg.training_config()
+    assert tc.train.init == str(resolve_model("cellclf-synth-he-v1"))
+    assert tc.data.val_fraction == 0 and tc.train.patience == 0
+    assert tc.train.min_steps == 150 and tc.model.backbone == "regnet_y_400mf"
+    assert list(tc.data.classes) == ["a", "b", "rest"] and tc.data.other_class == "rest"
+    previous = tmp_path / "rounds" / "01" / "bundle"
+    assert cfg.training_config(previous).train.init == tc.train.init  # no bundle there yet
+    previous.mkdir(parents=True)
+    (previous / "card.json").write_text("{}")
+    assert cfg.training_config(previous).train.init == str(previous)
+    cfg.init = ""
+    assert cfg.training_config().train.init == ""
+    cfg.train_config = str(REPO / "configs" / "train-tiny.yaml")
+    assert cfg.training_config().train.epochs == 2  # the YAML, not the label loop's schedule
+    with pytest.raises(ConfigError, match="--init none"):
+        ProjectConfig(init=str(tmp_path / "no-such-bundle")).check("project.yaml")
+
+
+def test_label_refuses_a_missing_init(capsys, tmp_path):
+    code, text = run_cli(capsys, "label", tmp_path / "slide.svs", "--out", tmp_path / "p",
+                         "--init", tmp_path / "no-bundle")
+    assert code == 2 and "--init none" in text and "no-bundle" in text
+    assert not (tmp_path / "p").exists()  # refused before any detection

@@ -59,7 +59,12 @@ def register(app: typer.Typer) -> None:
         holdout: float = typer.Option(0.25, help="Start: share of each batch drawn at random and "
                                                  "held aside (estimates and calibration)."),
         config: Path = typer.Option(None, "--config", "-c", help="Start: training YAML for the "
-                                                                 "rounds (e.g. configs/train.yaml)."),
+                                                                 "rounds (default: fine-tune for "
+                                                                 "~150 steps, no validation split)."),
+        init: str = typer.Option(None, "--init",
+                                 help="Start: the bundle round 1 fine-tunes (a folder or a shipped "
+                                      "model's name; default cellclf-synth-he-v1; 'none' = from "
+                                      "scratch). Later rounds fine-tune the previous round."),
         target_f1: float = typer.Option(None, "--target-f1",
                                         help="--next: stop queueing once the held-aside macro-F1 "
                                              "reaches this and calibration has its cells."),
@@ -99,6 +104,9 @@ def register(app: typer.Typer) -> None:
                             train_config=str(config) if config else None)
         if alpha is not None:
             cfg.alpha = alpha
+        if init is not None:
+            cfg.init = ("" if init.lower() == "none" else
+                        str(Path(init).resolve()) if Path(init).exists() else init)
         if classes:
             cfg.classes = [c.strip() for c in classes.split(",") if c.strip()]
             cfg.other_class = other or cfg.classes[-1]

@@ -15,14 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from cellclf.errors import ConfigError
+from cellclf.commands._options import DEFAULT_MODEL, resolve_model
+from cellclf.errors import BundleError, ConfigError
 from cellclf.labelling.selection import SELECTION_METHODS
-from cellclf.model.config import DataConfig
+from cellclf.model.config import Config, DataConfig, config_from_dict, load_config
 from cellclf.outputs.atomic import atomic_write_text
 
 _DATA = DataConfig()  # cellclf's training defaults: classes, catch-all class, resolution, crop
 
 PROJECT_FILE = "project.yaml"
+
+# How a round trains when project.yaml names no train_config: fine-tune a pretrained bundle
+# (``init``, then the previous round's) for a fixed ~150 optimiser steps (epochs stretch to
+# train.min_steps), with no validation split — every training label trains; the held-aside
+# labels are the check. About a minute a round on 2 CPU cores (docs/labelling.md).
+ROUND_SCHEDULE: dict[str, dict[str, Any]] = {
+    "data": {"val_fraction": 0.0},
+    "model": {"backbone": "regnet_y_400mf"},  # the shipped model's network (cheap on a CPU)
+    "train": {"epochs": 1, "min_steps": 150, "patience": 0, "save_ckpt": False,
+              "progress": False},
+}
 
 
 @dataclass
@@ -44,8 +56,11 @@ class ProjectConfig:
     holdout_fraction: float = 0.25  # share of each batch drawn at random and held aside
     selection: str = "kmeans"  # how a batch is spread: kmeans (medoids) or kcenter (greedy)
     max_candidates_per_slide: int = 4000  # the pool: a random subset of each slide's candidates
-    train_config: str | None = None  # a training YAML (default: cellclf's defaults)
+    train_config: str | None = None  # a training YAML (default: ROUND_SCHEDULE)
     train_overrides: list[str] = field(default_factory=list)
+    # the bundle round 1 fine-tunes (a folder or a shipped model's name; "" = from scratch);
+    # later rounds fine-tune the previous round's bundle
+    init: str = DEFAULT_MODEL
     alpha: float = 0.01  # the gate's error bound per class (calibration counts)
     delta: float = 0.05
     seed: int = 0
@@ -64,9 +79,30 @@ class ProjectConfig:
                               f"{self.selection!r}")
         if not 0 < self.alpha < 1 or not 0 < self.delta < 1:
             raise ConfigError(f"{where}: alpha and delta must be in (0, 1)")
+        if self.init:  # a missing bundle is refused at the start, not after a round's labels
+            try:
+                resolve_model(self.init)
+            except BundleError as exc:
+                raise ConfigError(f"{where}: init {self.init!r} is neither a bundle folder nor "
+                                  "a shipped model's name; pass --init with one, or --init none "
+                                  f"to train from scratch ({exc})") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def training_config(self, previous: Path | None = None) -> Config:
+        """The config a round trains with: ``train_config`` (else :data:`ROUND_SCHEDULE`) with
+        the project's classes and crops, fine-tuning ``previous`` (the previous round's bundle)
+        when it exists, else ``init``."""
+        init = (str(previous) if previous is not None and (previous / "card.json").is_file()
+                else str(resolve_model(self.init)) if self.init else "")
+        overrides = [f"data.classes={list(self.classes)}", f"data.other_class={self.other_class}",
+                     f"data.work_mpp={self.work_mpp}", f"data.crop_px={self.crop_px}",
+                     f"data.crop_mpp={self.work_mpp}",
+                     *([f"train.init={init}"] if init else []), *self.train_overrides]
+        if self.train_config:
+            return load_config(self.train_config, overrides)
+        return config_from_dict(ROUND_SCHEDULE, overrides, source="the label loop's schedule")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> ProjectConfig:

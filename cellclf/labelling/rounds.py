@@ -32,7 +32,6 @@ from cellclf.labelling.selection import (
     random_batch,
     select_batch,
 )
-from cellclf.model.config import load_config
 from cellclf.model.engine import TorchEngine
 from cellclf.outputs.atomic import atomic_write_json
 from cellclf.outputs.manifest import slide_id_for
@@ -236,10 +235,11 @@ def holdout_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[str]) -> 
 
 
 def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path,
-                init: Path | None = None) -> Path:
+                previous: Path | None = None) -> Path:
     """Write the training labels as a crop folder and train a bundle on it (``cellclf train``'s
-    :func:`~cellclf.model.training.fit`), fine-tuning ``init`` (the previous round's bundle) when
-    given; returns the bundle folder."""
+    :func:`~cellclf.model.training.fit`) with the project's training config, fine-tuning
+    ``previous`` (the previous round's bundle) when given, else the project's ``init``
+    (:meth:`ProjectConfig.training_config`); returns the bundle folder."""
     import shutil
 
     from cellclf.model.training import fit
@@ -252,13 +252,7 @@ def train_round(cfg: ProjectConfig, pool: Pool, labels: Labels, out: Path,
         d = crops_dir / cfg.classes[q]
         d.mkdir(parents=True, exist_ok=True)
         (d / f"c{int(i):07d}.png").write_bytes(png_bytes(pool.crops[i]))
-    overrides = [f"data.classes={list(cfg.classes)}", f"data.other_class={cfg.other_class}",
-                 f"data.work_mpp={cfg.work_mpp}", f"data.crop_px={cfg.crop_px}",
-                 f"data.crop_mpp={cfg.work_mpp}", *cfg.train_overrides]
-    if init is not None:
-        overrides.append(f"train.init={init}")
-    tc = load_config(cfg.train_config, overrides)
-    return fit(tc, crops_dir, out / "bundle", progress=False)
+    return fit(cfg.training_config(previous), crops_dir, out / "bundle", progress=False)
 
 
 def next_round(root: str | Path, target_f1: float | None = None,
@@ -282,9 +276,7 @@ def next_round(root: str | Path, target_f1: float | None = None,
         out = project.round_dir(n)
         out.mkdir(parents=True, exist_ok=True)
         previous = project.round_dir(n - 1) / "bundle" if n > 1 else None
-        bundle = train_round(cfg, pool, labels, out,
-                             init=previous if previous and (previous / "card.json").is_file()
-                             else None)
+        bundle = train_round(cfg, pool, labels, out, previous)
         engine = TorchEngine(bundle, device="cpu")
         probs = np.concatenate([engine.classify(pool.crops[s:s + 512])
                                 for s in range(0, len(pool), 512)])
