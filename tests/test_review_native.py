@@ -90,15 +90,22 @@ def login(url: str, user: str, password: str) -> tuple[httpx.Client, dict]:
     return c, {"X-CSRF-Token": csrf}
 
 
-def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_slide, tmp_path):
-    slide_path = tmp_path / "moved-later.tif"
-    shutil.copy(tiny_slide[0], slide_path)
-    xy0, crops, ctx, slide_mpp = gated_cells(slide_path, n_max=3)
+def queued_cells(slide_id: str, slide_path, n_max: int):
+    """(xy0, review items, slide mpp) of up to ``n_max`` gated cells of a slide, as infer queues
+    them (fixed probabilities, all low confidence)."""
+    xy0, crops, ctx, slide_mpp = gated_cells(slide_path, n_max=n_max)
     n = len(xy0)
-    items = review_items("tiny", str(slide_path), np.arange(n), xy0,
+    items = review_items(slide_id, str(slide_path), np.arange(n), xy0,
                          np.tile([[0.4, 0.3, 0.2, 0.1]], (n, 1)), np.array(["low_confidence"] * n),
                          np.ones((n, 4), bool), crops, ctx, CLASSES, np.linspace(1, 0, n),
                          image_mpp=WORK_MPP, slide_mpp=slide_mpp)
+    return xy0, items, slide_mpp
+
+
+def test_native_views_come_from_the_slide_and_fall_back_when_it_is_gone(tiny_slide, tmp_path):
+    slide_path = tmp_path / "moved-later.tif"
+    shutil.copy(tiny_slide[0], slide_path)
+    xy0, items, slide_mpp = queued_cells("tiny", slide_path, n_max=3)
     old = ReviewItem("old", 0, 10.0, 10.0, "other", {"other": 1.0}, ["other"], "low_confidence",
                      -1.0, items[0].crop_png, items[0].context_image, str(slide_path))
     junk_path = tmp_path / "junk.tif"
@@ -151,12 +158,7 @@ def test_a_moved_slide_is_found_by_name_in_the_slide_dirs(tiny_slide, tmp_path, 
     slide_path = tmp_path / "scanned" / "case-7.tif"
     slide_path.parent.mkdir()
     shutil.copy(tiny_slide[0], slide_path)
-    xy0, crops, ctx, slide_mpp = gated_cells(slide_path, n_max=2)
-    n = len(xy0)
-    items = review_items("case-7", str(slide_path), np.arange(n), xy0,
-                         np.tile([[0.4, 0.3, 0.2, 0.1]], (n, 1)), np.array(["low_confidence"] * n),
-                         np.ones((n, 4), bool), crops, ctx, CLASSES, np.linspace(1, 0, n),
-                         image_mpp=WORK_MPP, slide_mpp=slide_mpp)
+    _, items, slide_mpp = queued_cells("case-7", slide_path, n_max=2)
     st = ReviewStore(str(tmp_path / "review.sqlite"))
     st.add_items(items)
     mounted = tmp_path / "mnt" / "slides"  # the reviewer's machine mounts them elsewhere
