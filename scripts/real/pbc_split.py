@@ -1,9 +1,11 @@
 """Stratified train / calibration / test split of the PBC blood-smear crops, as symlink folders.
 
-``python scripts/real/pbc_split.py PBC OUT [--seed 0]`` writes ``OUT/{train,cal,test}/<class>/``
+``python scripts/real/pbc_split.py PBC OUT [--seed 0] [--fractions 0.3,0.5,0.2]`` writes
+``OUT/{train,cal,test}/<class>/``
 with one symbolic link per image (nothing is copied). Per source class (eosinophil, neutrophil,
 basophil, lymphocyte, monocyte, ig, erythroblast, platelet) the images, sorted by name, are
-shuffled with the seed and cut 30 % / 50 % / 20 %: the calibration split is the largest because
+shuffled with the seed and cut by ``--fractions`` (train, cal, test; 30 % / 50 % / 20 % by default;
+``scripts/real/pbc.sh`` uses 25 / 60 / 15): the calibration split is the largest because
 the gate certifies α = 0.01 at δ = 0.05 only for a class with ≥ 437 calibration cells predicted
 as it (zero errors; ⌈ln(0.05/4) / ln(0.99)⌉), and the rarest target class (basophil) has 968
 images in all. The source class folders are kept; training maps the non-target ones to `other`.
