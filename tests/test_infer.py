@@ -123,6 +123,11 @@ def test_expand_slides(tmp_path, tiny_slide):
     (tmp_path / "b.txt").write_text(f"# list\n{tiny_slide[0]}\na.svs\n")
     got = expand_slides([str(tmp_path / "b.txt"), str(tmp_path), str(tmp_path / "*.svs")])
     assert got == [tiny_slide[0], tmp_path / "a.svs"]
+    (tmp_path / "preview.jpg").write_bytes(b"x")  # a slide folder's picture is not a slide...
+    assert expand_slides([str(tmp_path)]) == [tmp_path / "a.svs"]
+    # ...unless the run reads plain image tiles (`infer --mpp`)
+    assert expand_slides([str(tmp_path)], plain_images=True) == [tmp_path / "a.svs",
+                                                                 tmp_path / "preview.jpg"]
 
 
 def _cli(args: list[str], fault: str | None = None) -> int:

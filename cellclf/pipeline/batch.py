@@ -33,20 +33,24 @@ from cellclf.outputs.manifest import Manifest, ManifestRow, slide_id_for
 from cellclf.pipeline.ray_workers import run_on_ray
 from cellclf.pipeline.slide_job import SlideJob, SlideOutcome, open_store, process_slide, utc_now
 from cellclf.versions import software_versions
+from cellclf.wsi.slide import PLAIN_IMAGE_SUFFIXES
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                  ".svslide", ".dcm", ".png", ".jpg", ".jpeg"}  # plain images need --mpp
+                  ".svslide", ".dcm"}
 
 
-def expand_slides(args: list[str]) -> list[Path]:
-    """Files, globs, folders (their slide files, sorted) or a text file of paths (one per line)."""
+def expand_slides(args: list[str], plain_images: bool = False) -> list[Path]:
+    """Files, globs, folders (their slide files, sorted) or a text file of paths (one per line).
+    ``plain_images``: a folder's PNG/JPEG images count as slides too (``infer --mpp``: a tile
+    folder); otherwise a slide folder's preview or label pictures are left alone."""
+    suffixes = SLIDE_SUFFIXES | (set(PLAIN_IMAGE_SUFFIXES) if plain_images else set())
     out: list[Path] = []
     for arg in args:
         p = Path(arg)
         if any(ch in arg for ch in "*?["):
             out += [Path(m) for m in sorted(glob.glob(arg, recursive=True))]
         elif p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES)
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes)
         elif p.suffix.lower() in {".txt", ".lst", ".list"} and p.is_file():
             try:
                 lines = p.read_text(encoding="utf-8").splitlines()
@@ -114,7 +118,7 @@ def run_batch(slides: list[str], model: str | Path, out_dir: str | Path, *, back
     load_rules(clinical_rules)  # a bad rules file stops the run before any slide
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = expand_slides(slides)
+    paths = expand_slides(slides, plain_images=mpp is not None)
     if not paths:
         raise CellclfError("no slides given: pass files, globs, folders or a text file of paths")
     distributed = bool(ray_address) or gpus > 0
