@@ -243,3 +243,32 @@ def verify_weights(card: Card, bundle_dir: str | Path) -> Path:
             raise BundleError(f"{weights} does not match the card's sha256 ({digest[:12]}… ≠ "
                               f"{card.sha256[:12]}…): the weights were changed or truncated")
     return weights
+
+
+# -- shipped bundles -------------------------------------------------------------------------
+DEFAULT_MODEL = "cellclf-synth-he-v1"
+
+
+def shipped_models_dir() -> Path:
+    """Where shipped bundles live: ``$CELLCLF_MODELS`` or the ``models/`` folder beside the
+    package (a source checkout), independent of the working directory."""
+    env = os.environ.get("CELLCLF_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "models"
+
+
+def resolve_model(value: str | Path) -> Path:
+    """A bundle directory from ``--model``: an existing path (relative to the working directory),
+    else the name of a shipped model in :func:`shipped_models_dir`."""
+    given = Path(value)
+    if given.exists():
+        return given
+    shipped = shipped_models_dir() / str(value)
+    if given.name == str(value) and (shipped / "card.json").is_file():
+        return shipped
+    names = sorted(p.name for p in shipped_models_dir().glob("*") if (p / "card.json").is_file())
+    offer = (f"shipped models: {', '.join(names)} (in {shipped_models_dir()})" if names else
+             f"no shipped models found in {shipped_models_dir()} (set CELLCLF_MODELS to the "
+             "folder that holds them)")
+    raise BundleError(f"model bundle {value} not found: pass --model with a bundle folder (it "
+                      f"holds card.json and model.onnx or model.pt) or the name of a shipped "
+                      f"model; {offer}")

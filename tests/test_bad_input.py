@@ -313,7 +313,7 @@ def test_version_and_help_at_80_columns(capsys, monkeypatch):
 
 
 def test_model_default_resolves_from_any_folder(tmp_path, monkeypatch, shipped_model):
-    from cellclf.commands._options import DEFAULT_MODEL, resolve_model
+    from cellclf.card import DEFAULT_MODEL, resolve_model
     from cellclf.errors import BundleError
 
     monkeypatch.chdir(tmp_path)

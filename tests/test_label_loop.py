@@ -16,7 +16,7 @@ from _cli import cli as run_cli
 from scipy.spatial import cKDTree
 
 from cellclf.annotations.geojson import read_points
-from cellclf.commands._options import resolve_model
+from cellclf.card import resolve_model
 from cellclf.errors import ConfigError
 from cellclf.labelling.project import Project, ProjectConfig
 from cellclf.labelling.rounds import read_labels

@@ -1,5 +1,6 @@
-"""Checks of command-line values shared by several commands: the model bundle (a path or the name
-of a shipped model), devices, backends and numeric ranges. Each bad value is an
+"""Checks of command-line values shared by several commands: devices, backends, output paths and
+numeric ranges (the model bundle, a path or a shipped model's name, is
+:func:`cellclf.card.resolve_model`). Each bad value is an
 :class:`~cellclf.errors.OptionError` naming the option and what to pass instead."""
 
 from __future__ import annotations
@@ -8,35 +9,9 @@ import math
 import os
 from pathlib import Path
 
-from cellclf.errors import BundleError, OptionError
+from cellclf.errors import OptionError
 
-DEFAULT_MODEL = "cellclf-synth-he-v1"
 BACKENDS = ("auto", "torch", "onnx")
-
-
-def shipped_models_dir() -> Path:
-    """Where shipped bundles live: ``$CELLCLF_MODELS`` or the ``models/`` folder beside the
-    package (a source checkout), independent of the working directory."""
-    env = os.environ.get("CELLCLF_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
-
-
-def resolve_model(value: str | Path) -> Path:
-    """A bundle directory from ``--model``: an existing path (relative to the working directory),
-    else the name of a shipped model in :func:`shipped_models_dir`."""
-    given = Path(value)
-    if given.exists():
-        return given
-    shipped = shipped_models_dir() / str(value)
-    if given.name == str(value) and (shipped / "card.json").is_file():
-        return shipped
-    names = sorted(p.name for p in shipped_models_dir().glob("*") if (p / "card.json").is_file())
-    offer = (f"shipped models: {', '.join(names)} (in {shipped_models_dir()})" if names else
-             f"no shipped models found in {shipped_models_dir()} (set CELLCLF_MODELS to the "
-             "folder that holds them)")
-    raise BundleError(f"model bundle {value} not found: pass --model with a bundle folder (it "
-                      f"holds card.json and model.onnx or model.pt) or the name of a shipped "
-                      f"model; {offer}")
 
 
 def check_device(device: str) -> str:

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import typer
 
+from cellclf.card import DEFAULT_MODEL, resolve_model
 from cellclf.commands._options import (
     BACKENDS,
-    DEFAULT_MODEL,
     check_choice,
     check_device,
     check_mpp,
     check_output_dir,
     check_positive,
-    resolve_model,
 )
 from cellclf.errors import OptionError
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cellclf.commands._options import DEFAULT_MODEL, resolve_model
+from cellclf.card import DEFAULT_MODEL, resolve_model
 from cellclf.errors import BundleError, ConfigError
 from cellclf.labelling.selection import SELECTION_METHODS
 from cellclf.model.config import Config, DataConfig, config_from_dict, load_config
