@@ -165,3 +165,29 @@ def test_slide_stats_in_threads_equals_serial():
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-12), k
+
+
+def test_two_kinds_of_calibration_slide_each_pass_and_shifts_still_flag() -> None:
+    """Calibrated on two kinds of slide (five pale pink, two dark purple: the shipped model's mix
+    of synthetic and real tissue), the median sits with the majority: a new slide of either kind
+    passes because it is close to one calibration slide, where the median rule alone flags the
+    minority kind; a blurred or blue-cast slide of either kind is still flagged."""
+    from dataclasses import replace
+
+    kinds = {"pink": (1.0, 1.0, 5), "purple": (1.8, 0.55, 2)}
+    stats = [slide_stats([render_he(10 * k + s, h_scale=h, e_scale=e)], 0.25)
+             for k, (h, e, n) in enumerate(kinds.values()) for s in range(n)]
+    params = fit_ood(stats)
+    assert len(params.reference) == 7
+    median_only = replace(params, reference=())
+    for k, (h, e, _) in enumerate(kinds.values()):
+        new = render_he(100 + k, h_scale=h * 1.03, e_scale=e * 0.97)
+        assert not is_ood(slide_stats([new], 0.25), params)[0]
+        assert is_ood(slide_stats([new], 0.25), median_only)[0] == (k == 1)
+        flagged, reasons = is_ood(slide_stats([blur(new, 8)], 0.25), params)
+        assert flagged and any("blurrier" in r for r in reasons)
+        assert is_ood(slide_stats([blue_cast(new)], 0.25), params)[0]
+    old_card = {k: v for k, v in params.to_dict().items() if k not in ("reference", "floors")}
+    assert OODParams.from_dict(old_card).reference == ()
+    with pytest.raises(CalibrationError, match="reference"):
+        OODParams.from_dict({**params.to_dict(), "reference": [[0.1, 0.2]]})

@@ -13,8 +13,9 @@ def register(app: typer.Typer) -> None:
     def audit(
         db: str = typer.Option(..., "--db", help="Review store URL or path (the one `cellclf "
                                                  "infer` filled)."),
-        model: Path = typer.Option(None, "--model", "-m",
-                                   help="Model bundle: α per class from its gate (else --alpha)."),
+        model: str = typer.Option(None, "--model", "-m",
+                                  help="Model bundle folder or shipped model name: α per class "
+                                       "from its gate (else --alpha)."),
         alpha: float = typer.Option(0.01, help="Error bound to check when no --model is given."),
         site: str = typer.Option(None, "--site", help="Only cells tagged with this site/scanner."),
         confidence: float = typer.Option(0.95, help="Confidence of the one-sided bounds."),
@@ -28,9 +29,11 @@ def register(app: typer.Typer) -> None:
         Clopper–Pearson bounds on the accepted error, and an alarm when the lower bound exceeds
         α; per reviewer, agreement with the model when they could see its answer vs when they
         could not. Exit code 3 when an alarm is raised."""
+        from cellclf.card import resolve_model
         from cellclf.review.audit_report import collect_audit, print_audit, write_calibration
 
-        report = collect_audit(db, model=model, alpha=alpha, site=site, confidence=confidence)
+        bundle = resolve_model(model) if model else None
+        report = collect_audit(db, model=bundle, alpha=alpha, site=site, confidence=confidence)
         if export_calibration is not None:
             report["calibration_export"] = write_calibration(db, export_calibration)
         if as_json:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellclf.card import DEFAULT_MODEL, resolve_model
+
 
 def register(app: typer.Typer) -> None:
     @app.command("classify-cells")
@@ -15,8 +17,9 @@ def register(app: typer.Typer) -> None:
                                    help="GeoJSON of the cells (QuPath: File > Export objects as "
                                         "GeoJSON): points, or polygons (their centroids), "
                                         "level-0 pixel coordinates."),
-        model: Path = typer.Option(Path("models/cellclf-synth-he-v1"), "--model", "-m",
-                                   help="Model bundle directory."),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                                  help="Model bundle folder, or the name of a shipped model "
+                                       "(models/ of cellclf, whatever the working folder)."),
         out: Path = typer.Option(Path("results"), "--out", "-o", help="Output folder."),
         device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
         backend: str = typer.Option("auto", help="auto | torch | onnx"),
@@ -35,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from cellclf.pipeline.classify_cells import run_classify_cells
 
         folder, counts, n_review = run_classify_cells(
-            slide, cells, model, out, backend=backend, device=device, workers=workers,
+            slide, cells, resolve_model(model), out, backend=backend, device=device, workers=workers,
             review_db=review_db, mpp=mpp, hpf_area_mm2=hpf_area, batch=batch, precision=precision)
         total = sum(v["total"] for v in counts.values())
         typer.echo(f"{total} cells: " + ", ".join(f"{k} {v['total']} ({v['accepted']} auto)"

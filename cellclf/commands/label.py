@@ -63,8 +63,8 @@ def register(app: typer.Typer) -> None:
                                                                  "~150 steps, no validation split)."),
         init: str = typer.Option(None, "--init",
                                  help="Start: the bundle round 1 fine-tunes (a folder or a shipped "
-                                      "model's name; default cellclf-synth-he-v1; 'none' = from "
-                                      "scratch). Later rounds fine-tune the previous round."),
+                                      "model's name; default the shipped default model; 'none' = "
+                                      "from scratch). Later rounds fine-tune the previous round."),
         target_f1: float = typer.Option(None, "--target-f1",
                                         help="--next: stop queueing once the held-aside macro-F1 "
                                              "reaches this and calibration has its cells."),
