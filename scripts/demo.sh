@@ -14,7 +14,7 @@ if [[ ! -f "$out/slides/demo.tif" ]]; then
   "$cellclf" synth "$out/slides" --width 12000 --height 9000 --mpp 0.25 --seed 2026 \
     --difficulty 0.3 --name demo
 fi
-"$cellclf" infer "$out/slides/demo.tif" --model cellclf-synth-he-v1 --out "$out/results"
+"$cellclf" infer "$out/slides/demo.tif" --model cellclf-he-v2 --out "$out/results"
 echo
 echo "Report:        $out/results/demo/report.html"
 echo "Cells:         $out/results/demo/cells.parquet, cells.geojson (QuPath: File > Import objects)"

@@ -33,10 +33,22 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SEED0, CAL_SEED0, EVAL_SEED0 = 1000, 3000, 5000
+V2_STYLE_SEED0, HYBRID_TRAIN_SEED0, HYBRID_CAL_SEED0 = 1100, 1500, 3500
+HYBRID_PER_MM2 = 1500.0      # synthetic targets per mm² of real tissue (a dense hotspot)
+BM_GRAZ_CAL_TILES = ("BM_GRAZ_HE_0007_01", "BM_GRAZ_HE_0008_01", "BM_GRAZ_HE_0020_01")
+CMU_SPLIT_Y = 2000           # CMU rows above: training backgrounds; below: calibration
+REAL_TISSUE_TERMS = {        # what the v2 recipe's real backgrounds are and the terms they carry
+    "CMU-1-Small-Region.svs": "H&E skin, Carnegie Mellon University via OpenSlide test data; CC0 1.0",
+    "bm_graz": "bone-marrow trephine H&E, Kainz et al., MICCAI 2015 (cite); Apache-2.0",
+    "OS-1-detail.ome.tif": "H&E tumour crop of OpenSlide test slide OS-1.ndpi; 'free to use and "
+                           "distribute, with or without modification'",
+    "not used": "crchisto, cpm15 (research/evaluation only), pbc (licence unverified), the TCGA "
+                "slide (no explicit licence)",
+}
 
 
 def render_set(out: Path, n: int, seed0: int, size_um: float, difficulty: float,
-               workers: int, jitter: float = 0.1) -> None:
+               workers: int, jitter: float = 0.1, style: str = "v1") -> None:
     """n slides, alternating 0.25 µm/px TIFF and 0.5 µm/px SVS, difficulty ±jitter around the mean."""
     import numpy as np
 
@@ -47,12 +59,90 @@ def render_set(out: Path, n: int, seed0: int, size_um: float, difficulty: float,
         mpp, fmt = (0.25, "tiff") if i % 2 == 0 else (0.5, "svs")
         side = int(round(size_um / mpp))
         diff = float(np.clip(difficulty + rng.uniform(-jitter, jitter), 0.0, 1.0))
-        name = f"synth-{seed0 + i:05d}"
+        name = f"synth-{seed0 + i:05d}" + ("" if style == "v1" else f"-{style}")
         if (out / f"{name}.geojson").is_file():
             continue  # resumable: keep slides rendered by an earlier run
         render_slide(out, side, side, mpp=mpp, seed=seed0 + i, difficulty=round(diff, 3),
-                     fmt=fmt, name=name, workers=workers)
+                     fmt=fmt, name=name, workers=workers, style=style)
         print(f"rendered {name} ({side}² px at {mpp} µm/px, difficulty {diff:.2f})", flush=True)
+
+
+def _tile_folder(out: Path, images: list[Path], points_csv: Path | None) -> Path:
+    """A background tile folder holding ``images`` (links) and their rows of ``points_csv``."""
+    import csv
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    stems = {p.stem for p in images}
+    for p in images:
+        link = out / "images" / p.name
+        if not link.exists():
+            link.symlink_to(p.resolve())
+    if points_csv is not None:
+        with points_csv.open(newline="") as f, (out / "points.csv").open("w", newline="") as g:
+            rows = csv.DictReader(f)
+            w = csv.DictWriter(g, fieldnames=rows.fieldnames)
+            w.writeheader()
+            w.writerows(r for r in rows if r["image"] in stems)
+    return out
+
+
+def hybrid_backgrounds(shared: Path, work: Path) -> dict[str, list[tuple[str, Path, dict]]]:
+    """Real tissue the v2 model may learn from (licences in the card), split into training and
+    calibration backgrounds that share no tissue: the CC0 CMU skin slide (rows above / below
+    CMU_SPLIT_Y), bm_graz bone marrow (Apache-2.0; 8 tiles / 3 tiles of other patients) and the
+    OpenSlide OS-1 tumour crop ("free to use and distribute"; top / bottom half)."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    cmu = shared / "wsi" / "CMU-1-Small-Region.svs"
+    bm = shared / "real" / "bm_graz"
+    for need in (cmu, bm / "points.csv", shared / "wsi" / "OS-1-detail.ome.tif"):
+        if not need.exists():
+            raise SystemExit(f"{need} is missing: the v2 recipe needs ../shared/data beside the "
+                             "repository (pass --shared DIR)")
+    tiles = sorted((bm / "images").glob("*.jpg"))
+    bm_train = _tile_folder(work / "bg" / "bm_graz_train",
+                            [p for p in tiles if p.stem not in BM_GRAZ_CAL_TILES],
+                            bm / "points.csv")
+    bm_cal = [_tile_folder(work / "bg" / f"bm_graz_cal_{p.stem}", [p], bm / "points.csv")
+              for p in tiles if p.stem in BM_GRAZ_CAL_TILES]
+    os1 = np.asarray(tifffile.imread(shared / "wsi" / "OS-1-detail.ome.tif"))
+    half = os1.shape[0] // 2
+    os1_dirs = []
+    for part, rgb in (("top", os1[:half]), ("bottom", os1[half:])):
+        d = work / "bg" / f"os1_{part}" / "images"
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / "os1.png").is_file():
+            Image.fromarray(rgb).save(d / "os1.png")
+        os1_dirs.append(d.parent)
+    w, h = 2220, 2967
+    return {
+        "train": [("cmu", cmu, {"region": (0, 0, w, CMU_SPLIT_Y)}),
+                  ("bmgraz", bm_train, {"background_mpp": 0.26}),
+                  ("os1", os1_dirs[0], {"background_mpp": 0.227})],
+        "cal": [("cmu-left", cmu, {"region": (0, CMU_SPLIT_Y, w // 2, h - CMU_SPLIT_Y)}),
+                ("cmu-right", cmu, {"region": (w // 2, CMU_SPLIT_Y, w - w // 2, h - CMU_SPLIT_Y)}),
+                *[(f"bmgraz-{d.name[-7:]}", d, {"background_mpp": 0.26}) for d in bm_cal],
+                ("os1", os1_dirs[1], {"background_mpp": 0.227})],
+    }
+
+
+def render_hybrid_set(out: Path, backgrounds: list[tuple[str, Path, dict]], seeds_each: int,
+                      seed0: int, difficulty: float) -> None:
+    """``seeds_each`` hybrid slides per background (new synthetic cells each seed)."""
+    from cellclf.synth.hybrid import render_hybrid
+
+    seed = seed0
+    for label, path, kw in backgrounds:
+        for _ in range(seeds_each):
+            name = f"hybrid-{label}-{seed:05d}"
+            if not (out / f"{name}.geojson").is_file():
+                res = render_hybrid(out, path, seed=seed, difficulty=difficulty,
+                                    per_mm2=HYBRID_PER_MM2, name=name, **kw)
+                print(f"rendered {name}: {res.n_synthetic} synthetic cells, {res.n_real} real "
+                      f"nuclei ({res.nucleus_source})", flush=True)
+            seed += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="gate: miss bound per target class (share auto-accepted as other); 0 = off")
     ap.add_argument("--no-int8", action="store_true",
                     help="skip model.int8.onnx (int8 export with its own gate, on the cal slides)")
+    ap.add_argument("--recipe", choices=("v1", "v2"), default="v1",
+                    help="v1: synthetic slides only; v2: adds --v2-slides of the v2 renderer and "
+                         "hybrid slides (synthetic targets in real tissue: CMU, bm_graz, OS-1) "
+                         "to training and calibration")
+    ap.add_argument("--v2-slides", type=int, default=4, help="v2 recipe: v2-style slides")
+    ap.add_argument("--hybrid-seeds", type=int, default=6,
+                    help="v2 recipe: hybrid training slides per real background")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
+                    help="the shared data folder (v2 recipe: real backgrounds)")
     ap.add_argument("--tiny", action="store_true",
                     help="a quick CPU check: 2+1 small slides, 1 epoch, train-tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     a = ap.parse_args(argv)
 
-    from cellclf.card import SYNTHETIC_NOTICE, load_card, save_card
+    from cellclf.card import HYBRID_NOTICE, SYNTHETIC_NOTICE, load_card, save_card
     from cellclf.evaluation.evaluate import evaluate
     from cellclf.model.config import load_config
     from cellclf.model.training import fit
@@ -96,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     render_set(eval_dir, a.eval_slides, EVAL_SEED0, a.size_um, a.difficulty, a.workers, jitter=0.0)
     cal_dir = a.work / "cal"
     render_set(cal_dir, a.cal_slides, CAL_SEED0, a.size_um, a.difficulty, a.workers, jitter=0.0)
+    if a.recipe == "v2":
+        render_set(train_dir, a.v2_slides, V2_STYLE_SEED0, a.size_um, a.difficulty, a.workers,
+                   style="v2")
+        backgrounds = hybrid_backgrounds(a.shared, a.work)
+        render_hybrid_set(train_dir, backgrounds["train"], a.hybrid_seeds, HYBRID_TRAIN_SEED0,
+                          a.difficulty)
+        render_hybrid_set(cal_dir, backgrounds["cal"], 1, HYBRID_CAL_SEED0, a.difficulty)
 
     name = a.name
+    notice = HYBRID_NOTICE if a.recipe == "v2" else SYNTHETIC_NOTICE
     cfg = load_config(a.config, [f"model.name={name}", f"model.backbone={a.backbone}",
                                  f"train.epochs={a.epochs}", "train.save_ckpt=false",
                                  *a.overrides])
@@ -105,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_train:
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=SYNTHETIC_NOTICE,
+        fit(cfg, train_dir, run_dir, cache_dir=a.work / "cache", notice=notice,
             weights_dtype="float16")
     from cellclf.calibration.bundle_gate import calibrate_bundle
     from cellclf.evaluation.gate_metrics import gate_report_md
@@ -134,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                                        if k != "per_slide"}
     args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--skip-train"]
     training = {**card.training, "train_seeds": [TRAIN_SEED0 + i for i in range(a.train_slides)],
-                "slide_size_um": a.size_um, "difficulty": a.difficulty,
+                "slide_size_um": a.size_um, "difficulty": a.difficulty, "recipe": a.recipe,
+                **({"real_tissue": REAL_TISSUE_TERMS} if a.recipe == "v2" else {}),
                 "reproduce": "python scripts/make_shipped_model.py " + " ".join(args)}
     card = card.replace(name=name, metrics={**card.metrics, "synthetic_test": test},
-                        training=training, description=SYNTHETIC_NOTICE,
-                        intended_use=SYNTHETIC_NOTICE)
+                        training=training, description=notice,
+                        intended_use=notice)
     save_card(card, run_dir)
     a.out.mkdir(parents=True, exist_ok=True)
     for f in ("card.json", card.weights_file):

@@ -111,8 +111,10 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
-    """The demo bundle committed in models/ (trained on synthetic slides)."""
-    path = REPO / "models" / "cellclf-synth-he-v1"
+    """The default bundle committed in models/ (what `cellclf infer` uses without --model)."""
+    from cellclf.card import DEFAULT_MODEL
+
+    path = REPO / "models" / DEFAULT_MODEL
     if not (path / "card.json").is_file():
         pytest.skip(f"shipped model not found at {path}")
     return path

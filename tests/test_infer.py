@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cellclf.card import DEFAULT_MODEL
 from cellclf.pipeline.batch import expand_slides, run_batch
 
 
@@ -58,7 +59,7 @@ def test_outputs_and_manifest(batch_out, tiny_slide):
         assert v == {"accepted": int((is_c & acc).sum()), "review": int((is_c & ~acc).sum()),
                      "total": int(is_c.sum())}
     assert set(cells["reason"]) <= {"accepted", "low_confidence", "uncertified_class", "ood_slide"}
-    assert summary["model_card"]["name"] == "cellclf-synth-he-v1"
+    assert summary["model_card"]["name"] == DEFAULT_MODEL
     assert summary["peak_hpf"]["eosinophil"]["count"] >= 1
     assert summary["tissue_area_mm2"] > 0 and "total" in summary["timings_s"]
     stain = summary["extra"]["stain"]  # the slide's own stain estimate (cellclf.detect.stain)

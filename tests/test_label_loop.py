@@ -16,7 +16,7 @@ from _cli import cli as run_cli
 from scipy.spatial import cKDTree
 
 from cellclf.annotations.geojson import read_points
-from cellclf.card import resolve_model
+from cellclf.card import DEFAULT_MODEL, resolve_model
 from cellclf.errors import ConfigError
 from cellclf.labelling.project import Project, ProjectConfig
 from cellclf.labelling.rounds import read_labels
@@ -126,7 +126,7 @@ def test_label_rounds_to_a_calibrated_bundle(lab_slides, tmp_path):
     assert card["training"]["config"]["train"]["init"] == str(p.round_dir(1) / "bundle")
     first = json.loads((p.round_dir(1) / "bundle" / "card.json").read_text())
     assert first["training"]["config"]["train"]["init"] == str(resolve_model(cfg.init))
-    assert first["training"]["init"]["name"] == "cellclf-synth-he-v1"
+    assert first["training"]["init"]["name"] == DEFAULT_MODEL
     assert first["architecture"]["backbone"] == "regnet_y_400mf"
     assert card["gate"]["classes"] == cfg.classes
     assert card["calibration"]["n_cells"] == int(labels.held_aside.sum())
@@ -144,7 +144,7 @@ def test_round_training_config(tmp_path):
     project's own YAML is used as written; a missing init is refused at the start."""
     cfg = ProjectConfig(classes=["a", "b", "rest"], other_class="rest")
     tc = cfg.training_config()
-    assert tc.train.init == str(resolve_model("cellclf-synth-he-v1"))
+    assert tc.train.init == str(resolve_model(DEFAULT_MODEL))
     assert tc.data.val_fraction == 0 and tc.train.patience == 0
     assert tc.train.min_steps == 150 and tc.model.backbone == "regnet_y_400mf"
     assert list(tc.data.classes) == ["a", "b", "rest"] and tc.data.other_class == "rest"

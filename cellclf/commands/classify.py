@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     def classify(
         crops: Path = typer.Argument(..., help="Folder of single-cell images: DIR/*.png or "
                                                "DIR/<anything>/*.png (png, jpg, tif)."),
-        model: Path = typer.Option(..., "--model", "-m", help="Model bundle directory."),
+        model: str = typer.Option(..., "--model", "-m",
+                                  help="Model bundle folder, or the name of a shipped model."),
         mpp: float = typer.Option(..., "--mpp", help="µm per pixel of the images (they are "
                                                      "resampled to the model's)."),
         out: Path = typer.Option(..., "--out", "-o", help="Folder for classified.csv and "
@@ -21,9 +22,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify each image and gate it: OUT/classified.csv has one row per image (image path
         relative to CROPS, class, decision accepted|review, reason, prob_<class>…)."""
+        from cellclf.card import resolve_model
         from cellclf.evaluation.crops import classify_crops
 
-        s = classify_crops(model, crops, out, crop_mpp=mpp, backend=backend)
+        s = classify_crops(resolve_model(model), crops, out, crop_mpp=mpp, backend=backend)
         typer.echo(f"{s['n_images']} images: " + ", ".join(
             f"{c} {n} ({s['accepted'][c]} accepted)" for c, n in s["predicted"].items()))
         typer.echo(f"automation {100 * s['automation_rate']:.1f} %; review {s['review']} "

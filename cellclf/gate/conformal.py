@@ -29,12 +29,23 @@ from cellclf.gate.temperature import CalibrationError, check_scores
 
 
 def aps_scores(probs: np.ndarray) -> np.ndarray:
-    """(N, K) matrix s(p_i, y) of APS scores for every cell i and every label y."""
+    """(N, K) matrix s(p_i, y) of APS scores for every cell i and every label y: the probability
+    of y and of every label ranked above it, computed as 1 − (mass ranked below y) / total.
+
+    The mass below is summed from the smallest probability up, so it keeps full precision. A
+    confident model's sets are decided by tails of 1e-7 (quantiles like 0.9999998), which a
+    running sum from the top would round away in float32 (infer's probabilities) and float64
+    (calibration's) differently.
+    """
     p, _ = check_scores(probs)
+    p = p.astype(np.float64)
     order = np.argsort(-p, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    ascending = np.take_along_axis(p, order, axis=1)[:, ::-1]
+    below = np.concatenate([np.zeros((len(p), 1)), np.cumsum(ascending, axis=1)[:, :-1]],
+                           axis=1)                      # mass of the labels ranked lower
+    total = np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
     scores = np.empty_like(p)
-    np.put_along_axis(scores, order, cum, axis=1)
+    np.put_along_axis(scores, order, 1.0 - below[:, ::-1] / total, axis=1)
     return scores
 
 
