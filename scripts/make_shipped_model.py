@@ -1,4 +1,18 @@
-"""Reproduce the shipped demo model ``models/cellclf-synth-he-v1/`` from synthetic slides.
+r"""Reproduce the shipped models: ``models/cellclf-he-v2/`` (the default; ``--recipe v2``: synthetic
+slides plus hybrid slides, synthetic targets rendered into real tissue that may train a shipped
+model) and its predecessor ``models/cellclf-synth-he-v1/`` (``--recipe v1``, synthetic only).
+
+The v2 command, fine-tuning v1 (2-core CPU: about 30 minutes; needs ../shared/data):
+    python scripts/make_shipped_model.py --recipe v2 --name cellclf-he-v2 \
+        --out models/cellclf-he-v2 --work runs/ship-v2 --train-slides 8 --eval-slides 4 \
+        --cal-slides 16 --size-um 2048 --epochs 7 --backbone regnet_y_400mf --v2-slides 4 \
+        --hybrid-seeds 4 --workers 2 data.max_other_ratio=3 train.balance=none \
+        train.batch_size=128 train.num_workers=2 train.patience=4 \
+        train.init=models/cellclf-synth-he-v1
+Hybrid backgrounds (``hybrid_backgrounds``): training and calibration use tissue that does not
+overlap; each calibration background is used once (its real nuclei are not repeated).
+
+v1:
 
 Renders training slides (seeds 1000+, a mix of 0.25 and 0.5 µm/px, TIFF and SVS, difficulty
 spread around 0.3), trains with configs/train.yaml, evaluates on unseen slides (seeds 5000+; the
