@@ -53,8 +53,11 @@ def test_device_stage_matches_host_stage(tiny_slide, cpu_engine, host_run, decod
     np.testing.assert_allclose(dev.xy0[od], host.xy0[oh], atol=1e-3)  # float32 maps, torch vs numpy
     np.testing.assert_allclose(dev.probs[od], host.probs[oh], atol=1e-4)
     assert (dev.accept[od] == host.accept[oh]).all()
-    # review items: the same gated cells with the same crops (matched by position)
-    assert len(host_items) == len(dev_items) == int((~host.accept).sum()) > 0
+    # review items: the same gated cells, plus the same audited auto-accepted ones, with the same
+    # crops (matched by position)
+    n_audited = int(host.audited.sum()) if host.audited is not None else 0
+    assert len(host_items) == len(dev_items) == int((~host.accept).sum()) + n_audited > 0
+    assert sum(i.audit for i in host_items) == n_audited
     dxy = np.array([(i.x, i.y) for i in dev_items])
     for it in host_items[:50]:
         j = int(np.argmin(np.hypot(*(dxy - (it.x, it.y)).T)))

@@ -117,7 +117,8 @@ def test_label_rounds_to_a_calibrated_bundle(lab_slides, tmp_path):
             p_sorted = np.sort(list(json.loads(probs).values()))
             margin[reason].append(p_sorted[-1] - p_sorted[-2])
     assert len(margin["to_label"]) == 42 and len(margin["held_aside"]) == 18
-    assert np.mean(margin["to_label"]) < np.mean(margin["held_aside"])
+    # (medians: a confident start model gives margins near 1 with a few outliers either way)
+    assert np.median(margin["to_label"]) < np.median(margin["held_aside"])
 
     out = cli("label", "--calibrate", str(proj)).stdout
     assert "calibrated" in out
