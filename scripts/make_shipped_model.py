@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--v2-slides", type=int, default=4, help="v2 recipe: v2-style slides")
     ap.add_argument("--hybrid-seeds", type=int, default=6,
                     help="v2 recipe: hybrid training slides per real background")
+    ap.add_argument("--hybrid-train", default="cmu,bmgraz,os1",
+                    help="v2 recipe: which real backgrounds the hybrid training slides use "
+                         "(comma-separated of cmu, bmgraz, os1)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
                     help="the shared data folder (v2 recipe: real backgrounds)")
     ap.add_argument("--tiny", action="store_true",
@@ -213,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         render_set(train_dir, a.v2_slides, V2_STYLE_SEED0, a.size_um, a.difficulty, a.workers,
                    style="v2")
         backgrounds = hybrid_backgrounds(a.shared, a.work)
-        render_hybrid_set(train_dir, backgrounds["train"], a.hybrid_seeds, HYBRID_TRAIN_SEED0,
-                          a.difficulty)
+        chosen = set(a.hybrid_train.split(","))
+        unknown = chosen - {label for label, _, _ in backgrounds["train"]}
+        if unknown:
+            raise SystemExit(f"--hybrid-train: unknown backgrounds {sorted(unknown)}; choose from "
+                             "cmu, bmgraz, os1")
+        render_hybrid_set(train_dir, [b for b in backgrounds["train"] if b[0] in chosen],
+                          a.hybrid_seeds, HYBRID_TRAIN_SEED0, a.difficulty)
         render_hybrid_set(cal_dir, backgrounds["cal"], 1, HYBRID_CAL_SEED0, a.difficulty)
 
     name = a.name
