@@ -35,14 +35,14 @@ SYNTHETIC_NOTICE = (
 HYBRID_NOTICE = (
     "Trained on synthetic H&E slides (`cellclf synth`, v1 and v2 styles) and on hybrid slides: "
     "synthetic eosinophils, neutrophils and mast cells rendered into real tissue (the CC0 CMU skin "
-    "slide, bm_graz bone marrow, the OpenSlide OS-1 tumour crop), whose real nuclei are all "
-    "labelled `other`. It has seen real tissue as background and as `other`, but never a real "
-    "eosinophil, neutrophil or mast cell with a label (no such tissue labels exist here): its "
-    "target-class accuracy, and the gate's miss bound, are measured on synthetic cells only, and a "
-    "real target cell may be called `other` and auto-accepted unseen (on real blood-smear "
-    "granulocytes, a proxy in another stain, it was: see metrics.real_tissue). Before relying on "
-    "its counts, calibrate it on your own slides with reviewed target cells and keep the blind "
-    "audit on. NOT a clinical model."
+    "slide and the OpenSlide OS-1 tumour crop), whose real nuclei are labelled `other`; bone marrow "
+    "(bm_graz, full of real granulocytes) only calibrated it. It has seen real tissue as "
+    "background and as `other`, but never a real eosinophil, neutrophil or mast cell with a label "
+    "(no such tissue labels exist here): its target-class accuracy, and the gate's miss bound, are "
+    "measured on synthetic cells only, and a real target cell may be called `other` and "
+    "auto-accepted unseen (see metrics.real_tissue for a proxy on real blood-smear granulocytes). "
+    "Before relying on its counts, calibrate it on your own slides with reviewed target cells and "
+    "keep the blind audit on. NOT a clinical model."
 )
 
 
