@@ -131,7 +131,10 @@ def hybrid_backgrounds(shared: Path, work: Path) -> dict[str, list[tuple[str, Pa
         if not (d / "os1.png").is_file():
             Image.fromarray(rgb).save(d / "os1.png")
         os1_dirs.append(d.parent)
-    w, h = 2220, 2967
+    from cellclf.wsi.slide import Slide
+
+    with Slide(cmu) as slide:
+        w, h = slide.width, slide.height
     return {
         "train": [("cmu", cmu, {"region": (0, 0, w, CMU_SPLIT_Y)}),
                   ("bmgraz", bm_train, {"background_mpp": 0.26}),

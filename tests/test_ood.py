@@ -191,3 +191,5 @@ def test_two_kinds_of_calibration_slide_each_pass_and_shifts_still_flag() -> Non
     assert OODParams.from_dict(old_card).reference == ()
     with pytest.raises(CalibrationError, match="reference"):
         OODParams.from_dict({**params.to_dict(), "reference": [[0.1, 0.2]]})
+    with pytest.raises(CalibrationError, match="floors"):
+        OODParams.from_dict({**params.to_dict(), "floors": [0.02, 0.1]})

@@ -167,6 +167,9 @@ def _vector(s: SlideStats) -> np.ndarray:
     return v
 
 
+DEFAULT_FLOORS = (0.02, 0.10, 0.25)  # smallest scales: stain OD, stain relative, log focus
+
+
 @dataclass(frozen=True)
 class OODParams:
     """Calibration medians and robust scales per statistic (focus as log) and the z limit."""
@@ -176,7 +179,7 @@ class OODParams:
     z_max: float
     n_slides: int
     reference: tuple[tuple[float, ...], ...] = ()   # each calibration slide's _vector
-    floors: tuple[float, float, float] = (0.02, 0.10, 0.25)   # stain OD, stain rel., log focus
+    floors: tuple[float, float, float] = DEFAULT_FLOORS
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "reference": [list(r) for r in self.reference],
@@ -194,17 +197,21 @@ class OODParams:
             reference = tuple(tuple(float(v) for v in r) for r in d.get("reference") or ())
             if any(len(r) != len(STAT_NAMES) for r in reference):
                 raise ValueError(f"each reference row needs {len(STAT_NAMES)} statistics")
+            floors = tuple(float(v) for v in d.get("floors") or DEFAULT_FLOORS)
+            if len(floors) != len(DEFAULT_FLOORS):
+                raise ValueError("floors needs 3 numbers: stain OD, stain relative, log focus")
             return cls({k: float(d["median"][k]) for k in STAT_NAMES},
                        {k: float(d["scale"][k]) for k in STAT_NAMES},
-                       float(d["z_max"]), int(d["n_slides"]), reference,
-                       tuple(float(v) for v in d.get("floors") or (0.02, 0.10, 0.25)))
+                       float(d["z_max"]), int(d["n_slides"]), reference, floors)
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"OOD parameters are invalid ({exc!r}); refit them with "
                                    "`fit_ood` on the calibration slides.") from exc
 
 
-def fit_ood(stats: list[SlideStats], z_max: float = 4.0, stain_floor_od: float = 0.02,
-            stain_floor_rel: float = 0.10, focus_floor_log: float = 0.25) -> OODParams:
+def fit_ood(stats: list[SlideStats], z_max: float = 4.0,
+            stain_floor_od: float = DEFAULT_FLOORS[0],
+            stain_floor_rel: float = DEFAULT_FLOORS[1],
+            focus_floor_log: float = DEFAULT_FLOORS[2]) -> OODParams:
     """Medians and floored robust scales over the calibration slides (module docstring rule)."""
     if not stats:
         raise CalibrationError("fit_ood: no calibration slide statistics given; compute "

@@ -137,6 +137,9 @@ def granulocyte_proxy(model: str, work: Path, targets: list[str], other: str) ->
     run = subprocess.run([sys.executable, "-m", "cellclf.cli", "classify", str(crops), "--model",
                           model, "--mpp", "0.1", "-o", str(out)], env=env, cwd=REPO,
                          capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        sys.exit(f"cellclf classify on {crops} failed (exit {run.returncode}): "
+                 f"{run.stderr.strip()[-400:]}")
     guard = next((ln for ln in run.stdout.splitlines() if ln.startswith("stain/focus guard")),
                  run.stderr.strip()[-200:])
     rows: dict[str, Counter] = defaultdict(Counter)
