@@ -198,7 +198,7 @@ def test_training_patches_keep_points_on_their_cells() -> None:
     yy, xx = np.mgrid[0:300, 0:400] + 0.5
     for x, y in xy:
         rgb[(xx - x) ** 2 + (yy - y) ** 2 <= 16] = 0
-    tiles, pts = _patches([PointImage("a", rgb, xy)], 200, 64, np.random.default_rng(2), 0.25)
+    tiles, pts, _ = _patches([PointImage("a", rgb, xy)], 200, 64, np.random.default_rng(2), 0.25)
     seen = 0
     for tile, p in zip(tiles, pts, strict=True):
         for x, y in p:

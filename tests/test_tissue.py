@@ -92,3 +92,27 @@ def test_tcga_svs_tissue_excludes_unscanned_stripes(shared_wsi: Path) -> None:
     h, w = tm.mask.shape
     assert not tm.mask[:5, :5].any() and not tm.mask[-5:, :5].any()
     assert tm.mask[h // 2, w // 2]
+
+
+def test_a_sparse_plain_field_is_searched_whole_and_a_blank_one_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cellclf.detect.slide_detection import detect_slide
+
+    field = _glass(120, 120, 3)
+    yy, xx = np.mgrid[0:120, 0:120]
+    for cx, cy in ((30, 40), (80, 90), (95, 25)):  # three small pink-purple specks of tissue
+        field[(xx - cx) ** 2 + (yy - cy) ** 2 < 6**2] = (200, 120, 190)
+    empty = tissue_mask(field, downsample=4.0, mpp=0.5)
+    assert not empty.mask.any()  # too small for the slide rules
+    whole = require_tissue(empty, tmp_path / "tile.png", field_rgb=field)
+    assert whole.mask.all() and whole.downsample == 4.0
+    blank = _glass(120, 120, 4)
+    with pytest.raises(EmptyTissueError, match="glass.png"):
+        require_tissue(tissue_mask(blank, 4.0, 0.5), tmp_path / "glass.png", field_rgb=blank)
+    # a blank tile of an annotated folder: no candidates in training/evaluation, refused elsewhere
+    path = tmp_path / "glass.png"
+    Image.fromarray(_glass(480, 480, 5)).save(path)
+    assert len(detect_slide(path, mpp=0.5, progress=False, blank_fields_ok=True)) == 0
+    with pytest.raises(EmptyTissueError, match="glass.png"):
+        detect_slide(path, mpp=0.5, progress=False)

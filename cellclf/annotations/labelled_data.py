@@ -1,11 +1,13 @@
 """Annotations in: QuPath GeoJSON, CSV points, crop folders and manifests → labelled cells.
 
 Sits at the start of the training flow: ``discover(DATA)`` tells what DATA is (a folder of slides
-with same-stem ``.geojson``/``.csv`` truth, a manifest, a points CSV, or a crop folder
-``DIR/<class>/*.png``) and lists :class:`SlideEntry` rows; ``load_points`` reads one slide's
-annotated cells (level-0 px, source class names); :class:`ClassMap` maps source names to the
-model's classes. ``dataset.py`` turns these into crops. Malformed input raises
-:class:`~cellclf.errors.AnnotationError` naming the file and the feature index or line number.
+with same-stem ``.geojson``/``.csv`` truth, a manifest, a points CSV, a tile folder with its
+``points.csv`` (``image,x,y,class[,split]``, 0-based tile px; each tile a one-level slide at
+``--mpp``), or a crop folder ``DIR/<class>/*.png``) and lists :class:`SlideEntry` rows;
+``load_points`` reads one slide's annotated cells (level-0 px, source class names);
+:class:`ClassMap` maps source names to the model's classes. ``dataset.py`` turns these into
+crops. Malformed input raises :class:`~cellclf.errors.AnnotationError` naming the file and the
+feature index or line number.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ class Points:
 
 @dataclass(frozen=True)
 class DataSource:
-    """What a DATA argument holds: ``kind`` is "slides", "manifest", "points_csv" or "crops"."""
+    """What a DATA argument holds: ``kind`` is "slides", "manifest", "points_csv", "tiles" or
+    "crops"."""
 
     kind: str
     path: Path
@@ -231,6 +234,11 @@ def load_points(entry: SlideEntry, coords: str = "px") -> Points:
     if not ann.is_file():
         raise AnnotationError(f"{ann}: annotation file for {entry.slide.name} not found")
     if ann.suffix.lower() == ".csv":
+        from cellclf.annotations.tile_source import is_tile_points_csv, tile_points
+
+        if is_tile_points_csv(ann):
+            return tile_points(ann, entry.slide.stem)
+    if ann.suffix.lower() == ".csv":
         by_slide = read_csv_points(ann, coords=coords, slide=entry.slide.resolve())
         empty = Points(np.zeros((0, 2)), (), np.zeros(0, bool), ann, in_um=coords == "um")
         return by_slide.get(entry.slide.resolve(), empty)
@@ -329,8 +337,11 @@ def _is_crop_folder(path: Path) -> bool:
         f.suffix.lower() in IMAGE_EXTS for d in subdirs for f in d.iterdir())
 
 
-def discover(data: str | Path) -> DataSource:
-    """Tell what DATA is and list its slides (none for a crop folder)."""
+def discover(data: str | Path, mpp: float | None = None) -> DataSource:
+    """Tell what DATA is and list its slides (none for a crop folder); ``mpp`` is the µm/px of
+    a tile folder's images (``--mpp``)."""
+    from cellclf.annotations.tile_source import is_tile_points_csv, tile_folder_source
+
     path = Path(data).expanduser()
     if not path.exists():
         raise AnnotationError(f"{path}: training data not found; pass a folder of slides with "
@@ -338,6 +349,8 @@ def discover(data: str | Path) -> DataSource:
     if path.is_file():
         if path.suffix.lower() in (".yaml", ".yml"):
             return DataSource("manifest", path, tuple(read_manifest(path)))
+        if path.suffix.lower() == ".csv" and is_tile_points_csv(path):
+            return tile_folder_source(path, path.parent, mpp)
         if path.suffix.lower() == ".csv":
             header, _ = _csv_rows(path)
             if "x" in header or "y" in header:  # a points CSV (one missing column is an error)
@@ -356,6 +369,8 @@ def discover(data: str | Path) -> DataSource:
     with_truth = [SlideEntry(s, a) for s in slides if (a := _same_stem_annotation(s)) is not None]
     if with_truth:
         return DataSource("slides", path, tuple(with_truth))
+    if (path / "points.csv").is_file() and is_tile_points_csv(path / "points.csv"):
+        return tile_folder_source(path / "points.csv", path, mpp)
     if _is_crop_folder(path):
         return DataSource("crops", path)
     hint = f" ({len(slides)} slides but none has a same-stem .geojson)" if slides else ""

@@ -115,7 +115,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, alpha: float = 0.0
     if unknown:
         raise CellclfError(f"per-class alpha names unknown classes {unknown}; {paths.root} has "
                            f"the classes {list(card.classes)}.")
-    source = discover(data)
+    source = discover(data, mpp=crop_mpp)
     if source.kind == "crops":
         return calibrate_crops(paths.root, card, data, crop_mpp=crop_mpp, class_map=class_map,
                                alpha=alpha, delta=delta, alpha_set=alpha_set, out=out,

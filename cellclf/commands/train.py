@@ -33,10 +33,13 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", "-d",
                                   help="A folder of slides with same-stem .geojson truth, a "
                                        "manifest (.csv/.yaml: slide, annotations, split), a points "
-                                       "CSV (slide,x,y,class) or a crop folder DIR/<class>/*.png."),
+                                       "CSV (slide,x,y,class), a tile folder with its points.csv "
+                                       "(image,x,y,class[,split]; --mpp) or a crop folder "
+                                       "DIR/<class>/*.png."),
         out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
         mpp: float = typer.Option(None, "--mpp",
-                                  help="µm per pixel of a crop folder's images (data.crop_mpp)."),
+                                  help="µm per pixel of a crop or tile folder's images "
+                                       "(data.crop_mpp)."),
         coords_um: bool = typer.Option(False, "--um",
                                        help="CSV coordinates are in µm, not level-0 pixels."),
         cache: Path = typer.Option(None, "--cache",
@@ -68,12 +71,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate(
-        bundle: Path = typer.Argument(..., help="Model bundle directory (card.json + model.pt)."),
+        bundle: Path = typer.Argument(..., help="Model bundle directory (card.json + model.pt) "
+                                                "or a shipped model's name."),
         data: Path = typer.Option(..., "--data", "-d",
                                   help="Slides with truth: a folder of slide + same-stem "
-                                       ".geojson pairs, or a manifest; or a labelled crop "
-                                       "folder DIR/<class>/*.png with --mpp."),
-        mpp: float = typer.Option(None, "--mpp", help="µm per pixel of a crop folder's images."),
+                                       ".geojson pairs, or a manifest; a tile folder with its "
+                                       "points.csv (image,x,y,class) with --mpp; or a labelled "
+                                       "crop folder DIR/<class>/*.png with --mpp."),
+        mpp: float = typer.Option(None, "--mpp", help="µm per pixel of a crop or tile folder's "
+                                                      "images."),
         class_map: list[str] = typer.Option(
             [], "--class-map", metavar="FOLDER=CLASS",
             help="Crop folders: map a class folder to a model class (repeatable), e.g. "
@@ -91,11 +97,13 @@ def register(app: typer.Typer) -> None:
         """Detect, classify and match to truth; write metrics (macro-F1 over the target classes,
         balanced accuracy, per-class precision/recall/F1, count errors, detection recall)."""
         from cellclf.annotations.labelled_data import discover
+        from cellclf.card import resolve_model
 
         check_positive("--match-um", match_um, allow_none=False, upper=50.0, unit=" µm")
+        bundle = resolve_model(bundle)
         check_output_dir("--out", out)
         check_choice("--precision", precision, ("fp32", "int8"))
-        if discover(data).kind == "crops":
+        if discover(data, mpp=mpp).kind == "crops":
             from cellclf.evaluation.crops import evaluate_crops
 
             _, metrics = evaluate_crops(bundle, data, out, crop_mpp=mpp,
@@ -108,7 +116,8 @@ def register(app: typer.Typer) -> None:
         from cellclf.evaluation.evaluate import evaluate as run
 
         _, metrics = run(bundle, data, out, match_um=match_um, workers=workers, progress=progress,
-                         coords="um" if coords_um else "px", precision=precision)
+                         coords="um" if coords_um else "px", precision=precision, mpp=mpp,
+                         class_map=parse_pairs(class_map, "--class-map"))
         f1 = metrics["macro_f1"]
         typer.echo(f"macro-F1 {f1:.3f}" if f1 is not None else "macro-F1 n/a")
         typer.echo(f"wrote {out / 'metrics.json'}, confusion.png, report.md, cells.parquet")

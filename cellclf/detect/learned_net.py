@@ -17,8 +17,6 @@ from torch.nn import functional as F  # noqa: N812
 
 from cellclf.detect.learned import read_detector_card
 
-STRIDE = 4  # the input's height and width must be multiples of this
-
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -36,22 +34,39 @@ def _merge(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class HeatmapNet(nn.Module):
-    """Float RGB in [0, 1] (N, 3, H, W) → heat-map logits (N, 1, H, W)."""
+    """Float RGB in [0, 1] (N, 3, H, W) → heat-map logits (N, 1, H, W); ``levels`` resolutions
+    (3: input H, W multiples of 4; 4: multiples of 8), channels ``width`` × 1, 2, 3, 4."""
 
-    def __init__(self, width: int = 12) -> None:
+    def __init__(self, width: int = 12, levels: int = 3) -> None:
         super().__init__()
-        w1, w2, w3 = width, 2 * width, 3 * width
-        self.enc1, self.enc2, self.enc3 = _block(3, w1), _block(w1, w2), _block(w2, w3)
-        self.dec2, self.dec1 = _merge(w3 + w2, w2), _merge(w2 + w1, w1)
-        self.head = nn.Conv2d(w1, 1, 1)
+        if levels not in (3, 4):
+            raise ValueError(f"levels must be 3 or 4, got {levels}")
+        chans = [width * (k + 1) for k in range(levels)]
+        self.enc1, self.enc2, self.enc3 = (_block(3, chans[0]), _block(chans[0], chans[1]),
+                                           _block(chans[1], chans[2]))
+        self.enc4 = _block(chans[2], chans[3]) if levels == 4 else None
+        self.dec3 = _merge(chans[3] + chans[2], chans[2]) if levels == 4 else None
+        self.dec2, self.dec1 = _merge(chans[2] + chans[1], chans[1]), _merge(chans[1] + chans[0],
+                                                                             chans[0])
+        self.head = nn.Conv2d(chans[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def up(a: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(a, scale_factor=2.0, mode="nearest")
+
         e1 = self.enc1(x)
         e2 = self.enc2(F.max_pool2d(e1, 2))
         e3 = self.enc3(F.max_pool2d(e2, 2))
-        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0, mode="nearest"), e2], 1))
-        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), e1], 1))
+        if self.enc4 is not None:
+            e3 = self.dec3(torch.cat([up(self.enc4(F.max_pool2d(e3, 2))), e3], 1))
+        d2 = self.dec2(torch.cat([up(e3), e2], 1))
+        d1 = self.dec1(torch.cat([up(d2), e1], 1))
         return self.head(d1)
+
+
+def net_from_card(card: dict) -> HeatmapNet:
+    """The (untrained) network a detector card describes."""
+    return HeatmapNet(int(card["network"]["width"]), int(card["network"].get("levels", 3)))
 
 
 class HeatmapGraph(nn.Module):
@@ -110,7 +125,7 @@ class TorchLearnedDetector:
 
         self.bundle = Path(bundle)
         self.card = read_detector_card(self.bundle)
-        net = HeatmapNet(int(self.card["network"]["width"]))
+        net = net_from_card(self.card)
         net.load_state_dict(torch.load(self.bundle / "detector.pt", weights_only=True,
                                        map_location="cpu"))
         if device is None:

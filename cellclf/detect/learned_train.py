@@ -21,7 +21,7 @@ import numpy as np
 from cellclf.annotations.geojson import read_points
 from cellclf.annotations.tile_folder import TileSet, open_tile_set, parse_where, read_tile
 from cellclf.card import file_sha256
-from cellclf.detect.learned import LearnedDetector, pad_to, read_detector_card, resample
+from cellclf.detect.learned import LearnedDetector, read_detector_card, resample
 from cellclf.detect.matching import detection_metrics
 from cellclf.errors import AnnotationError
 from cellclf.wsi.slide import Slide
@@ -36,6 +36,7 @@ class PointImage:
     name: str
     rgb: np.ndarray
     xy: np.ndarray
+    weight: np.ndarray | None = None  # uint8 H×W loss weight ×255 (0: ignore); None: all 255
 
 
 def from_tile_set(tiles: TileSet, mpp: float) -> list[PointImage]:
@@ -71,36 +72,67 @@ def from_slide(slide: str | Path, points: str | Path, mpp: float, slide_mpp: flo
 
 def _patches(images: list[PointImage], n: int, size: int, rng: np.random.Generator,
              scale_jitter: float = 0.0):
-    """``n`` random ``size``² patches (uint8 N×size×size×3) and their points, area-weighted;
-    each patch magnified by a random factor in [1/(1+j), 1+j] (``scale_jitter`` j)."""
+    """``n`` random ``size``² patches (uint8 N×size×size×3), their points and loss weights
+    (float32 N×size×size in [0, 1]), area-weighted; each patch magnified by a random factor in
+    [1/(1+j), 1+j] (``scale_jitter`` j)."""
     areas = np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in images], dtype=np.float64)
     picks = rng.choice(len(images), n, p=areas / areas.sum())
     out = np.empty((n, size, size, 3), np.uint8)
+    weights = np.ones((n, size, size), np.float32)
     pts = []
     for k, i in enumerate(picks):
         zoom = float(np.exp(rng.uniform(-1, 1) * np.log1p(scale_jitter)))
         src = max(8, int(round(size / zoom)))
-        im = images[i].rgb
+        im, wt = images[i].rgb, images[i].weight
         if im.shape[0] < src or im.shape[1] < src:
-            im = np.pad(im, ((0, max(0, src - im.shape[0])), (0, max(0, src - im.shape[1])),
-                             (0, 0)), mode="reflect")
+            pad = ((0, max(0, src - im.shape[0])), (0, max(0, src - im.shape[1])))
+            im = np.pad(im, (*pad, (0, 0)), mode="reflect")
+            wt = None if wt is None else np.pad(wt, pad, mode="reflect")
         y = rng.integers(0, im.shape[0] - src + 1)
         x = rng.integers(0, im.shape[1] - src + 1)
         p = (images[i].xy - [x, y]) * (size / src)
         p = p[(p >= 0).all(axis=1) & (p < size).all(axis=1)]
-        patch = im[y:y + src, x:x + src]
-        if src != size:
-            patch = resample(patch, size / src)[:size, :size]
-            if patch.shape[:2] != (size, size):
-                patch = pad_to(patch, size)[:size, :size]
+        patch = _fit(im[y:y + src, x:x + src], size)
+        wpatch = None if wt is None else _fit(wt[y:y + src, x:x + src], size)
         if rng.random() < 0.5:
             patch, p = patch[:, ::-1], np.column_stack([size - p[:, 0], p[:, 1]])
+            wpatch = None if wpatch is None else wpatch[:, ::-1]
         k90 = int(rng.integers(4))
         for _ in range(k90):  # rotate 90° counter-clockwise: (x, y) -> (y, size - x)
             patch, p = np.rot90(patch), np.column_stack([p[:, 1], size - p[:, 0]])
+            wpatch = None if wpatch is None else np.rot90(wpatch)
         out[k] = patch
+        if wpatch is not None:
+            weights[k] = wpatch / np.float32(255.0)
         pts.append(p)
-    return out, pts
+    return out, pts, weights
+
+
+def _fit(patch: np.ndarray, size: int) -> np.ndarray:
+    """A square crop resampled (and if short, edge-padded) to exactly ``size``²."""
+    if patch.shape[0] != size:
+        patch = resample(patch, size / patch.shape[0])[:size, :size]
+        if patch.shape[:2] != (size, size):
+            pad = ((0, size - patch.shape[0]), (0, size - patch.shape[1]))
+            patch = np.pad(patch, pad + ((0, 0),) * (patch.ndim - 2), mode="edge")
+    return patch
+
+
+def _blur(x, rng: np.random.Generator, max_sigma_px: float, share: float = 0.5):
+    """A random Gaussian blur (σ up to ``max_sigma_px``) on ``share`` of the images (torch)."""
+    import torch
+    from torch.nn import functional as F  # noqa: N812
+
+    out = x.clone()
+    for k in np.flatnonzero(rng.random(x.shape[0]) < share):
+        sigma = float(rng.uniform(0.3, max_sigma_px))
+        r = max(1, int(round(2.5 * sigma)))
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        g = (g / g.sum()).repeat(3, 1)
+        img = F.pad(x[k:k + 1], (r, r, r, r), mode="replicate")
+        img = F.conv2d(img, g[:, None, None, :], groups=3)
+        out[k:k + 1] = F.conv2d(img, g[:, None, :, None], groups=3)
+    return out
 
 
 def _stain_jitter(x, rng: np.random.Generator, strength: float):
@@ -145,36 +177,41 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
                    max_steps: int = 6000, batch: int = 16, patch_px: int = 96,
                    sigma_um: float = 1.5, width: int = 12, seed: int = 0, threads: int = 2,
                    init: str | Path | None = None, match_um: float = 4.0,
-                   scale_jitter: float = 0.25, log=print) -> dict:
+                   scale_jitter: float = 0.25, levels: int = 3, blur_um: float = 0.0,
+                   lr: float = 3e-3, log=print) -> dict:
     """Fit the heat-map network (or fine-tune ``init``'s), tune the threshold on ``val``, export
     ``out/detector.onnx`` + ``out/card.json``; returns the card."""
     import torch
 
-    from cellclf.detect.learned_net import HeatmapGraph, HeatmapNet, gaussian_targets
+    from cellclf.detect.learned_net import HeatmapGraph, HeatmapNet, gaussian_targets, net_from_card
 
     if not train:
         raise AnnotationError("no training images for the detector")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    net = HeatmapNet(width)
+    net = HeatmapNet(width, levels)
     if init is not None:
+        net = net_from_card(read_detector_card(init))
+        width, levels = net.head.in_channels, 3 if net.enc4 is None else 4
         net.load_state_dict(torch.load(Path(init) / "detector.pt", weights_only=True))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sigma_px = sigma_um / mpp
     t0, step, losses = time.monotonic(), 0, []
     net.train()
     while step < max_steps and time.monotonic() - t0 < minutes * 60:
-        lr = 3e-3 * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - t0) / (minutes * 60))))
+        done = max((time.monotonic() - t0) / (minutes * 60), step / max_steps)
         for g in opt.param_groups:
-            g["lr"] = max(lr, 1e-4)
-        tiles, pts = _patches(train, batch, patch_px, rng, scale_jitter)
+            g["lr"] = max(lr * 0.5 * (1 + np.cos(np.pi * min(1.0, done))), lr / 30)
+        tiles, pts, weights = _patches(train, batch, patch_px, rng, scale_jitter)
         x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
         x = _stain_jitter(x, rng, 1.0)
+        if blur_um > 0:
+            x = _blur(x, rng, blur_um / mpp)
         target = gaussian_targets([torch.from_numpy(p).float() for p in pts], patch_px, patch_px,
                                   sigma_px)
         heat = torch.sigmoid(net(x)[:, 0])
-        loss = ((heat - target) ** 2 * (1.0 + 20.0 * target)).mean()
+        loss = ((heat - target) ** 2 * (1.0 + 20.0 * target) * torch.from_numpy(weights)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -187,15 +224,15 @@ def train_detector(train: list[PointImage], val: list[PointImage], out: str | Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out / "detector.pt")
-    card = {"kind": "cell-detector", "name": out.name, "mpp": mpp, "stride": 4,
+    card = {"kind": "cell-detector", "name": out.name, "mpp": mpp, "stride": 2 ** (levels - 1),
             "input": "uint8[N, H, W, 3] RGB at mpp, H and W multiples of stride (pad by edge "
                      "replication); output float32[N, H, W] heat in [0, 1]",
             "threshold": 0.5, "peak_radius_um": 2.0, "sigma_um": sigma_um, "match_um": match_um,
-            "network": {"type": "HeatmapNet", "width": width,
+            "network": {"type": "HeatmapNet", "width": width, "levels": levels,
                         "parameters": sum(p.numel() for p in net.parameters())},
             "training": {"steps": step, "seconds": round(time.monotonic() - t0, 1),
                          "batch": batch, "patch_px": patch_px, "seed": seed,
-                         "scale_jitter": scale_jitter,
+                         "scale_jitter": scale_jitter, "blur_um": blur_um, "lr": lr,
                          "final_loss": float(np.mean(losses[-50:])) if losses else None,
                          "init": str(init) if init else None,
                          "init_training": (LearnedDetector(init).card.get("training")
@@ -231,7 +268,7 @@ def onnx_torch_parity(bundle: Path, graph) -> float:
     det = LearnedDetector(bundle)
     rng = np.random.default_rng(1)
     worst = 0.0
-    for h, w in ((96, 128), (200, 148)):
+    for h, w in ((96, 128), (200, 152)):
         x = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         a = det._onnx().run(None, {"tiles": x})[0]
         with torch.inference_mode():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,10 +12,13 @@ import numpy as np
 from cellclf.detect.classical import DetectParams, detect_cells, detect_halo_um
 from cellclf.detect.learned import SHIPPED_DETECTOR, LearnedDetector
 from cellclf.detect.stain import SAMPLE_TILES, level_params, sample_pixels
+from cellclf.errors import EmptyTissueError
 from cellclf.wsi.slide import Slide
 from cellclf.wsi.tile_reader import TileReader
 from cellclf.wsi.tiling import tile_grid
-from cellclf.wsi.tissue import require_tissue, slide_tissue_mask
+from cellclf.wsi.tissue import require_tissue, tissue_mask, tissue_thumbnail
+
+log = logging.getLogger(__name__)
 
 
 def _resolve_backend(backend: str) -> str:
@@ -41,6 +45,7 @@ def detect_slide(
     batch_tiles: int = 16,
     detector: str = "classical",
     detector_bundle: str | os.PathLike[str] | None = None,
+    blank_fields_ok: bool = False,
 ) -> np.ndarray:
     """Candidate cell centres (N×2 float64, level-0 px) over the tissue of a whole slide.
 
@@ -52,7 +57,10 @@ def detect_slide(
     calibrated on its candidates) or "learned" (a detector bundle, default the shipped
     ``models/cellclf-detector-v1``; "numpy" backend = onnxruntime). ``params=None``: the classical
     detector at the slide's own nuclear H level (:func:`slide_params`, from ``SAMPLE_TILES``
-    tissue tiles of ``tile_um``); given ``params`` are used as they are.
+    tissue tiles of ``tile_um``); given ``params`` are used as they are. A plain image (a tile)
+    whose thumbnail mask is empty is searched whole when it is stained at all; with
+    ``blank_fields_ok`` a blank one gives no candidates instead of EmptyTissueError (an annotated
+    tile folder in training and evaluation).
     """
     if detector not in ("classical", "learned"):
         raise ValueError(f"detector must be 'classical' or 'learned', got {detector!r}")
@@ -60,7 +68,15 @@ def detect_slide(
     path = Path(path)
     with Slide(path, mpp=mpp) as slide:
         slide_mpp, width, height = slide.mpp, slide.width, slide.height
-        tissue = require_tissue(slide_tissue_mask(slide), path)
+        thumb, thumb_ds = tissue_thumbnail(slide)
+        try:
+            tissue = require_tissue(tissue_mask(thumb, thumb_ds, slide.mpp), path,
+                                    thumb if slide.is_plain_image else None)
+        except EmptyTissueError:
+            if not (blank_fields_ok and slide.is_plain_image):
+                raise
+            log.warning("%s: a blank field (no stained pixels): no candidates", path)
+            return np.zeros((0, 2), dtype=np.float64)
     halo_um = detect_halo_um(params) if detector == "classical" else LEARNED_HALO_UM
     tiles = tile_grid(width, height, slide_mpp, work_mpp, tile_um, halo_um, tissue)
     found: list[np.ndarray] = []

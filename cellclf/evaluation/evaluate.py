@@ -211,11 +211,11 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
              match_um: float = 4.0, workers: int = 0, progress: bool = True,
              unknown_class: str = "other", class_map: dict[str, str] | None = None,
              coords: str = "px", backend: str = "auto",
-             precision: str = "fp32") -> tuple[CellTable, dict[str, Any]]:
+             precision: str = "fp32", mpp: float | None = None) -> tuple[CellTable, dict[str, Any]]:
     """Evaluate a bundle on slides with truth → (cell table, metrics); writes OUT if given:
     ``metrics.json``, ``confusion.png``, ``report.md``, ``cells.parquet``. ``precision="int8"``
     evaluates ``model.int8.onnx`` with its own temperature, gate and conformal sets."""
-    source = discover(data)
+    source = discover(data, mpp=mpp)
     if source.kind == "crops":
         raise AnnotationError(f"{data}: evaluation needs slides with truth (not a crop folder)")
     card = load_card(bundle)
@@ -235,7 +235,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
         truth0 = pts.level0(slide_mpp)
         truth_idx = cmap.indices(pts.names, str(pts.source))
         cands = detect_slide(e.slide, mpp=e.mpp, work_mpp=card.mpp, workers=workers,
-                             progress=progress)
+                             progress=progress, blank_fields_ok=True)
         crops = extract_crops(e.slide, cands, card.mpp, card.crop_px, mpp=e.mpp, workers=workers)
         logits = engine.logits(crops) if len(cands) else np.zeros((0, len(classes)), np.float32)
         radius = match_um / slide_mpp

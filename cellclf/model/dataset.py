@@ -240,7 +240,7 @@ def slide_crops(entry: SlideEntry, *, work_mpp: float, crop_px: int, match_um: f
     extra = np.zeros((0, 2))
     if use_detector:
         cands = detect_slide(entry.slide, mpp=entry.mpp, work_mpp=work_mpp, workers=workers,
-                             progress=progress, params=detect_params)
+                             progress=progress, params=detect_params, blank_fields_ok=True)
         m = match_points(cands, truth, match_um / slide_mpp)
         hit_t = np.flatnonzero(m.truth_to_pred >= 0)
         centres[hit_t] = cands[m.truth_to_pred[hit_t]]

@@ -265,7 +265,7 @@ def fit(cfg: Config, data: str | Path, out: str | Path, cache_dir: str | Path | 
     out = Path(out)
     progress = cfg.train.progress if progress is None else progress
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    source = discover(data)
+    source = discover(data, mpp=cfg.data.crop_mpp)
     if cfg.train.init:
         cfg = adopt_init_network(cfg)
     if source.kind == "crops":

@@ -72,7 +72,8 @@ def classify_cells_on_slide(path: str | Path, xy0: np.ndarray, engine: Any, card
         check_model_fits(reader.mpp, work_mpp, path, params.max_mpp_ratio)
         _check_inside(xy0, reader.width, reader.height, path)
         small, small_ds = tissue_thumbnail(reader)
-        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
+        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path,
+                                small if reader.is_plain_image else None)
         thumb, thumb_ds = overlay_thumbnail(reader, small, small_ds, 1600)
         sample = (reader.tissue_sample(tissue, params.tile_um, params.ood_sample_tiles)
                   if card.get("ood") else [])

@@ -78,7 +78,8 @@ def run_slide(path: str | Path, engine: Engine, card: Card, *, slide_id: str,
     with TileReader(path, work_mpp, mpp=params.mpp_override, workers=params.workers) as reader:
         check_model_fits(reader.mpp, work_mpp, path, params.max_mpp_ratio)
         small, small_ds = tissue_thumbnail(reader)
-        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path)
+        tissue = require_tissue(tissue_mask(small, small_ds, reader.mpp), path,
+                                small if reader.is_plain_image else None)
         thumb, thumb_ds = overlay_thumbnail(reader, small, small_ds, 1600)
         halo_um = _halo_um(crop_px, work_mpp, with_review=on_review is not None)
         tiles = reader.grid(params.tile_um, halo_um, tissue, params.min_tissue_fraction)

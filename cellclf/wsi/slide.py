@@ -230,9 +230,11 @@ class Slide:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideOpenError(f"{self.path}: slide file not found (check the path)")
+        self.is_plain_image = False  # a PNG/JPEG/strip-TIFF field rather than a scanner's slide
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
+            self.is_plain_image = True
             self._osr = open_plain_image(self.path)
             if self._osr is None:
                 raise SlideOpenError(f"{self.path}: cannot open slide: "

@@ -57,6 +57,7 @@ class TileReader:
             self.mpp = slide.mpp
             self.width, self.height = slide.width, slide.height
             self.vendor = slide.vendor
+            self.is_plain_image = slide.is_plain_image
             self.level_dimensions = slide.level_dimensions
             self.level_downsamples = slide.level_downsamples
         if not work_mpp > 0:

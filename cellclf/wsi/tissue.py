@@ -178,8 +178,22 @@ def slide_tissue_mask(source: ThumbnailSource, max_px: int | None = None,
     return tissue_mask(thumb, downsample, source.mpp, **params)
 
 
-def require_tissue(tissue: TissueMask, path: str | Path) -> TissueMask:
-    """Return ``tissue`` or raise :class:`EmptyTissueError` naming the slide when it is empty."""
+def require_tissue(tissue: TissueMask, path: str | Path,
+                   field_rgb: np.ndarray | None = None, min_stained_share: float = 0.01,
+                   min_saturation: float = 0.07, min_od: float = 0.05) -> TissueMask:
+    """Return ``tissue`` or raise :class:`EmptyTissueError` naming the slide when it is empty.
+
+    ``field_rgb``: the thumbnail of a plain image (a field someone chose, such as an annotated
+    tile of pale fat or loose stroma, too small or sparse for the slide mask's size rules); when
+    the mask is empty but at least ``min_stained_share`` of its pixels are stained, the whole
+    image is the tissue. A blank plain image is still refused."""
+    if not tissue.mask.any() and field_rgb is not None and tissue.mask.size:
+        rgb = field_rgb[..., :3].astype(np.float32)
+        hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+        stained = (((hi - lo) / np.maximum(hi, 1.0) > min_saturation)
+                   & (-np.log10((rgb + 1.0) / 256.0).mean(axis=2) > min_od))
+        if stained.mean() >= min_stained_share:
+            return TissueMask(np.ones_like(tissue.mask, dtype=bool), tissue.downsample)
     if not tissue.mask.any():
         raise EmptyTissueError(
             f"{path}: no tissue found on the slide thumbnail (blank glass, or stain too faint "
