@@ -250,3 +250,47 @@ def test_train_detector_from_slide_and_qupath_points(tiny_svs, tmp_path: Path) -
     from cellclf.errors import CellclfError
 
     assert isinstance(res.exception, CellclfError) and "no" in str(res.exception)
+
+
+def test_four_level_bundle_with_ignore_weights_runs_on_any_tile_size(tmp_path: Path) -> None:
+    """A 4-level network (stride 8) trained a few steps with a loss-weight mask: exported,
+    ONNX = torch, and both detectors accept tiles whose sides are not multiples of 8."""
+    pytest.importorskip("torch")
+    from cellclf.detect.learned_net import TorchLearnedDetector
+    from cellclf.detect.learned_train import PointImage, _patches, train_detector
+
+    rng = np.random.default_rng(0)
+    rgb = np.full((160, 160, 3), 235, np.uint8)
+    xy = rng.uniform(10, 150, (30, 2))
+    yy, xx = np.mgrid[0:160, 0:160] + 0.5
+    for x, y in xy:
+        rgb[(xx - x) ** 2 + (yy - y) ** 2 <= 9] = (80, 40, 140)
+    weight = np.full((160, 160), 255, np.uint8)
+    weight[:, :40] = 0
+    im = PointImage("a", rgb, xy, weight)
+    _, _, w = _patches([im], 8, 64, np.random.default_rng(1))
+    assert w.dtype == np.float32 and set(np.unique(w)) <= {0.0, 1.0} and w.min() == 0.0
+    card = train_detector([im], [im], tmp_path / "det", [], mpp=0.5, minutes=0.5, max_steps=3,
+                          batch=4, patch_px=64, width=4, levels=4, blur_um=0.5, threads=1)
+    assert card["network"]["levels"] == 4 and card["stride"] == 8
+    assert card["parity_max_abs_diff"] < 1e-4 and card["training"]["steps"] == 3
+    noise = np.random.default_rng(3).normal(0, 4, (101, 77, 3))  # no flat heat plateaus
+    tile = np.clip(rgb[:101, :77] + noise, 0, 255).astype(np.uint8)
+    a = LearnedDetector(tmp_path / "det")
+    heat, _ = a.heat(tile, 0.5)
+    assert heat.shape == (101, 77)
+    # a barely trained net: peaks above its own 90th heat percentile, the same on both paths
+    a.threshold = float(np.quantile(heat, 0.9))
+    b = TorchLearnedDetector(tmp_path / "det", device="cpu")
+    b.threshold = a.threshold
+    got_a, got_b = a(tile, 0.5), b.detect(torch_tiles(tile), 0.5)[0]
+    assert len(got_a) > 0
+    from cellclf.detect.matching import match_points
+
+    assert match_points(got_a, got_b, 1.5).n_matched >= 0.9 * max(len(got_a), len(got_b))
+
+
+def torch_tiles(tile: np.ndarray):
+    import torch
+
+    return torch.from_numpy(tile[None].copy())

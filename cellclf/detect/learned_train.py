@@ -37,6 +37,7 @@ class PointImage:
     rgb: np.ndarray
     xy: np.ndarray
     weight: np.ndarray | None = None  # uint8 H×W loss weight ×255 (0: ignore); None: all 255
+    sampling: float = 1.0  # patches are drawn by area × this
 
 
 def from_tile_set(tiles: TileSet, mpp: float) -> list[PointImage]:
@@ -75,7 +76,8 @@ def _patches(images: list[PointImage], n: int, size: int, rng: np.random.Generat
     """``n`` random ``size``² patches (uint8 N×size×size×3), their points and loss weights
     (float32 N×size×size in [0, 1]), area-weighted; each patch magnified by a random factor in
     [1/(1+j), 1+j] (``scale_jitter`` j)."""
-    areas = np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in images], dtype=np.float64)
+    areas = np.array([im.rgb.shape[0] * im.rgb.shape[1] * im.sampling for im in images],
+                     dtype=np.float64)
     picks = rng.choice(len(images), n, p=areas / areas.sum())
     out = np.empty((n, size, size, 3), np.uint8)
     weights = np.ones((n, size, size), np.float32)
