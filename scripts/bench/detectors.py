@@ -9,7 +9,8 @@ cells and the duplicate rate at difficulty 0.3 (unseen seeds 101-103); candidate
 CMU slide's keratin flakes and blank glass; CPU detection MP/s (all detectors timed in this one
 run, on the same tiles, one after the other). Appends a section to docs/benchmarks.md::
 
-    PYTHONPATH=. python scripts/bench/detectors.py [--bundle models/cellclf-detector-v1] [--no-write]
+    PYTHONPATH=. python scripts/bench/detectors.py [--bundle models/cellclf-detector-v2] \
+        [--extra v1=models/cellclf-detector-v1] [--no-write]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cellclf.annotations.geojson import read_points  # noqa: E402
 from cellclf.annotations.tile_folder import open_tile_set, read_tile  # noqa: E402
 from cellclf.detect.classical import detect_cells  # noqa: E402
 from cellclf.detect.detectors import make_tile_detector  # noqa: E402
+from cellclf.detect.learned import SHIPPED_DETECTOR  # noqa: E402
 from cellclf.detect.matching import detection_metrics  # noqa: E402
 from cellclf.detect.tile_detection import detect_tile_set, score_tile_set  # noqa: E402
 
@@ -48,6 +50,16 @@ CMU_BOXES = {"keratin flakes": (1268, 1160, 1591, 1672),
              "keratin flakes, lower half (never trained on)": (1268, 1416, 1591, 1672),
              "blank glass (never trained on)": (135, 1618, 674, 2427)}
 TARGETS = ("eosinophil", "neutrophil", "mast_cell")
+
+
+BUILT_IN = ("classical", "classical-hem0.8", "classical-adaptive")
+
+
+def trained_on(bundle: Path) -> str:
+    """The data names in a detector bundle's card."""
+    from cellclf.detect.learned import read_detector_card
+
+    return ", ".join(d["name"] for d in read_detector_card(bundle).get("data", []))
 
 
 def _detector(kind: str, tiles, bundle):
@@ -124,7 +136,7 @@ def _cmu(detectors: dict[str, tuple[str, Path]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=REPO / "models" / "cellclf-detector-v1")
+    ap.add_argument("--bundle", type=Path, default=SHIPPED_DETECTOR)
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=BUNDLE",
                     help="another learned bundle as an extra column (e.g. a dev-only fine-tune)")
     ap.add_argument("--no-write", action="store_true")
@@ -143,8 +155,11 @@ def main() -> None:
     lines = ["Detectors: classical (Ruifrok-Johnston stain, glass 245, hem_cap = the set's own "
              "nuclear H level, ≥ 0.8), classical-hem0.8 (the same with the fixed hem_cap 0.8 of "
              "before), classical-adaptive (the set's own Macenko stain and glass as well), "
-             f"learned (`{args.bundle.name}`, trained on synthetic slides + 9 bm_graz tiles, "
-             "never on crchisto or cpm15). One-to-one matching within 4 µm.\n",
+             f"learned (`{args.bundle.name}`, trained on {trained_on(args.bundle)}; never on "
+             "crchisto or cpm15)"
+             + "".join(f", {n} (`{b.name}`, trained on {trained_on(b)})"
+                       for n, (_, b) in detectors.items() if n not in BUILT_IN + ("learned",))
+             + ". One-to-one matching within 4 µm.\n",
              "| measure | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for set_name, *_ in SETS:
         cells = [f"{rows[(set_name, n)]['f1']:.3f} (R {rows[(set_name, n)]['recall_all']:.3f}, "
