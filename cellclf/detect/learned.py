@@ -23,7 +23,7 @@ from cellclf.card import file_sha256
 from cellclf.detect.classical import _refine
 from cellclf.errors import BundleError
 
-SHIPPED_DETECTOR = Path(__file__).resolve().parents[2] / "models" / "cellclf-detector-v1"
+SHIPPED_DETECTOR = Path(__file__).resolve().parents[2] / "models" / "cellclf-detector-v2"
 
 
 def read_detector_card(bundle: str | Path) -> dict:
