@@ -119,8 +119,8 @@ def dev_crchisto_train(mpp: float, out: Path) -> list[PointImage]:
                                        {"split": "train"}), mpp)
 
 
-def real_pseudo_labelled(mpp: float, partner: Path,
-                         partner_threshold: float | None = None) -> list[PointImage]:
+def real_pseudo_labelled(mpp: float, partner: Path, partner_threshold: float | None = None,
+                         keratin_sampling: float = 0.0) -> list[PointImage]:
     """The CMU slide and the OS-1 crop, pseudo-labelled with the classical detector and the
     learned ``partner``."""
     import tifffile
@@ -131,8 +131,12 @@ def real_pseudo_labelled(mpp: float, partner: Path,
         cmu, _ = s.read_level(0, 0, 0, s.width, s.height)
         cmu_mpp = s.mpp
     os1 = tifffile.imread(OS1)[..., :3]
+    x0, y0, x1, y1 = CMU_NEGATIVE[0]  # the keratin taught as background, drawn more often
+    keratin = resample(np.ascontiguousarray(cmu[y0:y1, x0:x1]), cmu_mpp / mpp)
+    extra = ([PointImage("CMU keratin (background)", keratin, np.zeros((0, 2)),
+                         sampling=keratin_sampling)] if keratin_sampling > 0 else [])
     return [pseudo_labelled("CMU-1-Small-Region", cmu, cmu_mpp, mpp, partner, partner_threshold,
-                            CMU_NEGATIVE, CMU_HELD_OUT),
+                            CMU_NEGATIVE, CMU_HELD_OUT), *extra,
             pseudo_labelled("OS-1-detail", np.ascontiguousarray(os1), OS1_MPP, mpp, partner,
                             partner_threshold)]
 
@@ -163,6 +167,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="v2: self-training rounds; round 2 on is pseudo-labelled with (and starts "
                     "from) the previous round's bundle")
+    ap.add_argument("--keratin-sampling", type=float, default=0.0,
+                    help="v2: also draw patches from the CMU keratin taught as background, at this "
+                    "multiple of its area (10: ~5 %% of patches). Measured at 10: held-out keratin "
+                    "candidates 6411 -> 2088 / mm², but synthetic mast-cell recall 1.0 -> 0.938 "
+                    "and eosinophil 1.0 -> 0.963, below the 0.97 bar: off for the shipped bundle")
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -198,7 +207,8 @@ def main() -> None:
         rounds = args.rounds if v2 else 1
         for r in range(1, rounds + 1):  # round r pseudo-labels with round r-1's bundle
             out = args.out if r == rounds else Path(tmp) / f"round{r}"
-            real = real_pseudo_labelled(mpp, partner, threshold) if v2 else []
+            real = (real_pseudo_labelled(mpp, partner, threshold, args.keratin_sampling)
+                    if v2 else [])
             print(f"round {r} of {rounds} -> {out}")
             card = train_detector(train + real, val, out, data_card,
                                   mpp=mpp, minutes=args.minutes, threads=args.threads,

@@ -21,7 +21,7 @@ from tests.test_detect import Canvas
 
 CMU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / \
     "CMU-1-Small-Region.svs"
-LEARNED_SHIFT_AGREEMENT = 0.80  # models/cellclf-detector-v2 measured: see docs/detection.md
+LEARNED_SHIFT_AGREEMENT = 0.88  # models/cellclf-detector-v2 measured 0.927 (docs/detection.md)
 
 
 def _restain(rgb: np.ndarray, src: tuple, dst: tuple, glass_src, glass_dst) -> np.ndarray:

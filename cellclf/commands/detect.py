@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                                                        "stain and glass)"),
         detector_bundle: Path = typer.Option(None, "--detector-bundle",
                                              help="Detector bundle for --detector learned "
-                                                  "(default: models/cellclf-detector-v1)."),
+                                                  "(default: models/cellclf-detector-v2)."),
         workers: int = typer.Option(0, min=0, help="Reader threads (0 = all cores)."),
         backend: str = typer.Option("auto", help="auto | numpy | torch"),
         progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         mpp: float = typer.Option(None, help="µm per pixel (tile folders; slides lacking it)."),
         where: list[str] = typer.Option(None, help="Tile folders: only rows with COLUMN=VALUE."),
         init: Path = typer.Option(None, help="Fine-tune this detector bundle (e.g. "
-                                             "models/cellclf-detector-v1) instead of starting "
+                                             "models/cellclf-detector-v2) instead of starting "
                                              "from scratch."),
         minutes: float = typer.Option(10.0, help="Training time budget."),
         val_share: float = typer.Option(0.2, help="Share of tiles held out to choose the "

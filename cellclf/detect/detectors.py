@@ -52,7 +52,7 @@ def make_tile_detector(name: str, tiles: TileSet | Sequence[np.ndarray],
     (measured better on real tiles, see docs/benchmarks.md); ``classical-adaptive``: the set's own
     Macenko stain and glass as well;
     ``learned``: the heat-map network of a detector bundle (default: the shipped
-    ``models/cellclf-detector-v1``)."""
+    ``models/cellclf-detector-v2``)."""
     if name == "learned":
         return LearnedDetector(bundle or SHIPPED_DETECTOR)
     if name == "classical":

@@ -55,7 +55,7 @@ def detect_slide(
     when available, numpy otherwise), "numpy", or "torch" (CUDA if present, else CPU).
     ``detector``: "classical" (default for the classifier's flows: the shipped gate was
     calibrated on its candidates) or "learned" (a detector bundle, default the shipped
-    ``models/cellclf-detector-v1``; "numpy" backend = onnxruntime). ``params=None``: the classical
+    ``models/cellclf-detector-v2``; "numpy" backend = onnxruntime). ``params=None``: the classical
     detector at the slide's own nuclear H level (:func:`slide_params`, from ``SAMPLE_TILES``
     tissue tiles of ``tile_um``); given ``params`` are used as they are. A plain image (a tile)
     whose thumbnail mask is empty is searched whole when it is stained at all; with
