@@ -12,7 +12,6 @@ feature index or line number.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from cellclf.annotations.geojson import read_points
+from cellclf.annotations.records import (
+    IMAGE_EXTS,
+    SPLITS,
+    DataSource,
+    Points,
+    SlideEntry,
+    csv_rows,
+    normalise_name,
+)
+from cellclf.annotations.tile_source import is_tile_points_csv, tile_folder_source, tile_points
 from cellclf.card import DEFAULT_OTHER_CLASS
 from cellclf.errors import AnnotationError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
               ".svslide", ".btf")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SPLITS = ("train", "val", "test")
 MAX_COORD = 1e9  # no slide is a billion pixels (or µm) across: larger values are a unit mistake
 
 # Source names that always mean a target class (after normalisation: lower case, "_" separators).
@@ -41,11 +48,6 @@ KNOWN_OTHER = frozenset({
     "other", "lymphocyte", "plasma_cell", "epithelial", "fibroblast", "red_cell", "macrophage",
     "stroma", "tumor", "tumour", "immune_cells", "necrosis", "endothelial", "ignore",
 })
-
-
-def normalise_name(name: str) -> str:
-    """``"Mast cell"`` → ``"mast_cell"``: lower case, spaces/hyphens to underscores."""
-    return "_".join(name.strip().lower().replace("-", " ").split())
 
 
 @dataclass(frozen=True)
@@ -98,47 +100,6 @@ class ClassMap:
         return out
 
 
-@dataclass(frozen=True)
-class SlideEntry:
-    """One slide of a dataset: its file, its annotation file, an optional split and mpp."""
-
-    slide: Path
-    annotations: Path | None
-    split: str | None = None
-    mpp: float | None = None
-
-    @property
-    def slide_id(self) -> str:
-        return self.slide.stem
-
-
-@dataclass(frozen=True)
-class Points:
-    """Annotated cells of one slide: level-0 positions (or µm if ``in_um``) and source names."""
-
-    xy: np.ndarray  # (N, 2) float64
-    names: tuple[str | None, ...]
-    ambiguous: np.ndarray  # (N,) bool
-    source: Path
-    in_um: bool = False
-
-    def level0(self, slide_mpp: float) -> np.ndarray:
-        return self.xy / slide_mpp if self.in_um else self.xy
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """What a DATA argument holds: ``kind`` is "slides", "manifest", "points_csv", "tiles" or
-    "crops"."""
-
-    kind: str
-    path: Path
-    entries: tuple[SlideEntry, ...] = ()
-
-
 # ---------------------------------------------------------------- GeoJSON and CSV points
 
 
@@ -149,27 +110,6 @@ def read_geojson_points(path: str | Path) -> Points:
     xy = np.array([(p.x, p.y) for p in pts], dtype=np.float64).reshape(-1, 2)
     amb = np.array([bool(p.properties.get("ambiguous", False)) for p in pts], dtype=bool)
     return Points(xy, tuple(p.name for p in pts), amb, Path(path))
-
-
-def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    try:
-        fh = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise AnnotationError(f"{path}: cannot read the CSV file ({exc}); check the path") from None
-    with fh:
-        reader = csv.DictReader(fh)
-        rows = []
-        try:
-            header = [normalise_name(h) for h in (reader.fieldnames or [])]
-            for row in reader:
-                rows.append((reader.line_num, {normalise_name(k or ""): (v or "").strip()
-                                               for k, v in row.items() if k is not None}))
-        except csv.Error as exc:
-            raise AnnotationError(f"{path}: line {reader.line_num}: {exc}") from None
-        except UnicodeDecodeError:
-            raise AnnotationError(f"{path}: not UTF-8 text (saved as UTF-16 or a binary file?); "
-                                  "save it as 'CSV UTF-8 (comma delimited)'") from None
-    return header, rows
 
 
 def read_csv_points(path: str | Path, coords: str = "px", slide: Path | None = None,
@@ -183,7 +123,7 @@ def read_csv_points(path: str | Path, coords: str = "px", slide: Path | None = N
     path = Path(path)
     if coords not in ("px", "um"):
         raise AnnotationError(f"{path}: coords must be 'px' or 'um', got {coords!r}")
-    header, rows = _csv_rows(path)
+    header, rows = csv_rows(path)
     cls_col = next((c for c in ("class", "label", "classification", "name") if c in header), None)
     missing = [c for c in ("x", "y") if c not in header] + ([] if cls_col else ["class"])
     if missing:
@@ -233,11 +173,8 @@ def load_points(entry: SlideEntry, coords: str = "px") -> Points:
                               "beside the slide or name it in the manifest")
     if not ann.is_file():
         raise AnnotationError(f"{ann}: annotation file for {entry.slide.name} not found")
-    if ann.suffix.lower() == ".csv":
-        from cellclf.annotations.tile_source import is_tile_points_csv, tile_points
-
-        if is_tile_points_csv(ann):
-            return tile_points(ann, entry.slide.stem)
+    if ann.suffix.lower() == ".csv" and is_tile_points_csv(ann):
+        return tile_points(ann, entry.slide.stem)
     if ann.suffix.lower() == ".csv":
         by_slide = read_csv_points(ann, coords=coords, slide=entry.slide.resolve())
         empty = Points(np.zeros((0, 2)), (), np.zeros(0, bool), ann, in_um=coords == "um")
@@ -266,7 +203,7 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict[str, object]]]:
                 raise AnnotationError(f"{path}: entry {i}: expected a mapping with 'slide'")
             out.append((f"entry {i}", {normalise_name(str(k)): v for k, v in item.items()}))
         return out
-    header, rows = _csv_rows(path)
+    header, rows = csv_rows(path)
     if "slide" not in header:
         raise AnnotationError(f"{path}: line 1: a manifest needs a 'slide' column "
                               f"(slide,annotations,split); got {header}")
@@ -340,8 +277,6 @@ def _is_crop_folder(path: Path) -> bool:
 def discover(data: str | Path, mpp: float | None = None) -> DataSource:
     """Tell what DATA is and list its slides (none for a crop folder); ``mpp`` is the µm/px of
     a tile folder's images (``--mpp``)."""
-    from cellclf.annotations.tile_source import is_tile_points_csv, tile_folder_source
-
     path = Path(data).expanduser()
     if not path.exists():
         raise AnnotationError(f"{path}: training data not found; pass a folder of slides with "
@@ -352,7 +287,7 @@ def discover(data: str | Path, mpp: float | None = None) -> DataSource:
         if path.suffix.lower() == ".csv" and is_tile_points_csv(path):
             return tile_folder_source(path, path.parent, mpp)
         if path.suffix.lower() == ".csv":
-            header, _ = _csv_rows(path)
+            header, _ = csv_rows(path)
             if "x" in header or "y" in header:  # a points CSV (one missing column is an error)
                 slides = sorted(read_csv_points(path))
                 missing = [s for s in slides if not _is_file(s)]

@@ -1,6 +1,6 @@
 """Tile folders as training and evaluation data: image tiles + their points CSV → slide entries.
 
-Sits beside :mod:`cellclf.annotations.labelled_data` (which calls it from ``discover`` and
+Sits under :mod:`cellclf.annotations.labelled_data` (which calls it from ``discover`` and
 ``load_points``): a folder of real tiles (PNG/JPEG/TIFF, any depth) with ``points.csv``
 (``image,x,y,class[,split]``, 0-based tile pixels, the format of ``cellclf detect --truth``)
 becomes one :class:`SlideEntry` per annotated tile; each tile then opens as a one-level slide
@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cellclf.annotations.labelled_data import (
+from cellclf.annotations.records import (
     IMAGE_EXTS,
     SPLITS,
     DataSource,
     Points,
     SlideEntry,
-    _csv_rows,
+    csv_rows,
 )
+from cellclf.annotations.tile_folder import find_tiles, read_tile_points
 from cellclf.errors import AnnotationError
 
 
@@ -44,8 +45,6 @@ def _csv_header(path: Path) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _tile_points_cached(path: str, mtime_ns: int) -> dict:
-    from cellclf.annotations.tile_folder import read_tile_points
-
     return read_tile_points(path)
 
 
@@ -66,13 +65,11 @@ def _tile_split(value: str) -> str | None:
 def tile_folder_source(csv_path: Path, root: Path, mpp: float | None) -> DataSource:
     """A tile folder + its points CSV as a data source: one entry per annotated tile, split by
     the CSV's ``split`` column when it has one (train/val/validation/test)."""
-    from cellclf.annotations.tile_folder import find_tiles
-
     if mpp is None or not mpp > 0:
         raise AnnotationError(f"{root}: tiles have no scale; pass --mpp (µm per pixel of the "
                               "tiles, e.g. 0.5 for 20x, 0.25 for 40x)")
     images = find_tiles(root)
-    header, rows = _csv_rows(csv_path)
+    header, rows = csv_rows(csv_path)
     split_of: dict[str, str | None] = {}
     for line, row in rows:
         name = Path((row.get("image") or "").strip())
