@@ -96,6 +96,13 @@ def _disk(radius: int) -> np.ndarray:
     return xx * xx + yy * yy <= radius * radius
 
 
+def _saturation_od(rgb_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel: HSV-style saturation, mean optical density (log10) and the brightest channel."""
+    rgb = rgb_u8[..., :3].astype(np.float32)
+    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+    return (hi - lo) / np.maximum(hi, 1.0), -np.log10((rgb + 1.0) / 256.0).mean(axis=2), hi
+
+
 def tissue_mask(thumb_rgb: np.ndarray, downsample: float, mpp: float | None = None, *,
                 min_saturation: float = 0.07, max_saturation: float = 0.2, min_od: float = 0.05,
                 close_um: float = 20.0, max_hole_um2: float = 10_000.0,
@@ -109,10 +116,7 @@ def tissue_mask(thumb_rgb: np.ndarray, downsample: float, mpp: float | None = No
     if thumb_rgb.ndim != 3 or thumb_rgb.shape[2] < 3 or thumb_rgb.dtype != np.uint8:
         raise ValueError(f"thumbnail must be RGB uint8 (h, w, 3), got {thumb_rgb.dtype} "
                          f"{thumb_rgb.shape}")
-    rgb = thumb_rgb[..., :3].astype(np.float32)
-    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = (hi - lo) / np.maximum(hi, 1.0)
-    od = -np.log10((rgb + 1.0) / 256.0).mean(axis=2)
+    saturation, od, hi = _saturation_od(thumb_rgb)
     not_black = hi >= 25
     threshold = min(max(otsu_threshold(saturation[not_black]), min_saturation), max_saturation)
     mask = (saturation > threshold) & (od > min_od) & not_black
@@ -188,10 +192,8 @@ def require_tissue(tissue: TissueMask, path: str | Path,
     the mask is empty but at least ``min_stained_share`` of its pixels are stained, the whole
     image is the tissue. A blank plain image is still refused."""
     if not tissue.mask.any() and field_rgb is not None and tissue.mask.size:
-        rgb = field_rgb[..., :3].astype(np.float32)
-        hi, lo = rgb.max(axis=2), rgb.min(axis=2)
-        stained = (((hi - lo) / np.maximum(hi, 1.0) > min_saturation)
-                   & (-np.log10((rgb + 1.0) / 256.0).mean(axis=2) > min_od))
+        saturation, od, _ = _saturation_od(field_rgb)
+        stained = (saturation > min_saturation) & (od > min_od)
         if stained.mean() >= min_stained_share:
             return TissueMask(np.ones_like(tissue.mask, dtype=bool), tissue.downsample)
     if not tissue.mask.any():
